@@ -1,0 +1,103 @@
+"""The `llm-dist` command: argument parsing only; each verb calls one function."""
+
+import argparse
+import sys
+
+from llm_dist import __version__
+
+EXIT_USER_ERROR = 2  # bad spec, missing file, bad arguments (argparse uses 2 as well)
+EXIT_NOT_BUILT = 3  # the stage exists in the spec but not yet in this version
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm-dist",
+        description="One YAML job spec from a text corpus to a served language model on Ray.",
+    )
+    parser.add_argument("--version", action="version", version=f"llm-dist {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def spec_verb(name: str, help: str, parent=verbs) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, description=help)
+        p.add_argument("spec", metavar="SPEC", help="the job spec (YAML)")
+        p.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a spec field, e.g. pretrain.zero_stage=3")  # fmt: skip
+        return p
+
+    spec_verb("validate", "check a job spec and report every problem in it").add_argument(
+        "--print", action="store_true", help="print the effective spec (defaults and overrides)"
+    )
+    spec_verb("run", "run every stage the spec names (data, pretrain, tune, serve)")
+    data = verbs.add_parser("data", help="the data stage").add_subparsers(
+        dest="data_verb", required=True, metavar="ACTION"
+    )
+    spec_verb("prepare", "read, clean, tokenize, pack and shard the corpus", parent=data)
+    spec_verb("pretrain", "pretrain the model with DeepSpeed ZeRO under Ray Train")
+    spec_verb("tune", "run the Ray Tune fine-tuning sweep and pick the winner").add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep"
+    )
+    spec_verb("serve", "serve the winner behind an OpenAI-compatible API with Ray Serve")
+    spec_verb("submit", "submit the spec to a Ray cluster through the Ray Jobs API").add_argument(
+        "--address", required=True, help="the cluster's dashboard address, e.g. http://HEAD:8265"
+    )
+    for name, help in (("status", "show a submitted job's status"),
+                       ("logs", "print a submitted job's logs"),
+                       ("stop", "stop a submitted job")):  # fmt: skip
+        p = verbs.add_parser(name, help=help, description=help)
+        p.add_argument("job_id", metavar="JOB_ID")
+        p.add_argument("--address", required=True, help="the cluster's dashboard address")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing new lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from llm_dist.base import UserError
+    from llm_dist.pipeline import StageNotBuilt
+
+    try:
+        return _dispatch(args)
+    except StageNotBuilt as e:
+        print(f"llm-dist: {e}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except UserError as e:
+        print(f"llm-dist: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("llm-dist: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from llm_dist.pipeline import StageNotBuilt
+
+    if args.verb in ("status", "logs", "stop"):
+        raise StageNotBuilt(f"`llm-dist {args.verb}` (Ray Jobs API) is not built yet")
+    from llm_dist.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    if args.verb == "validate":
+        return _validate(spec, args)
+    if args.verb == "submit":
+        raise StageNotBuilt("`llm-dist submit` (Ray Jobs API) is not built yet")
+    from llm_dist import pipeline
+
+    stages = {"run": None, "data": ["data"]}.get(args.verb, [args.verb])
+    folder = pipeline.run(spec, stages)
+    print(f"run folder: {folder}")
+    return 0
+
+
+def _validate(spec, args: argparse.Namespace) -> int:
+    if args.print:
+        import yaml
+
+        print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+    else:
+        print(f"{args.spec}: valid (run {spec.name!r}, stages: {', '.join(spec.stages)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

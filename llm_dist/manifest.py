@@ -1,0 +1,89 @@
+"""The run folder `<storage_path>/<name>/` and its manifest.json, always replaced atomically."""
+
+import json
+import os
+import platform
+import socket
+import time
+import uuid
+from importlib import metadata
+from typing import Any
+
+PACKAGES = ("llm-dist", "ray", "deepspeed", "torch", "transformers", "tokenizers", "pyarrow")
+
+
+def run_uri(spec) -> str:
+    """The run folder: an absolute local path, or an s3:// / gs:// URI."""
+    root = spec.storage_path
+    if "://" in root and not root.startswith("file://"):
+        return f"{root.rstrip('/')}/{spec.name}"
+    return os.path.join(os.path.abspath(root.removeprefix("file://")), spec.name)
+
+
+def filesystem(uri: str):
+    """A pyarrow filesystem and the path inside it, for a local path or an object-store URI."""
+    from pyarrow import fs
+
+    if "://" not in uri:
+        return fs.LocalFileSystem(), uri
+    return fs.FileSystem.from_uri(uri)
+
+
+def read_manifest(run: str) -> dict[str, Any] | None:
+    """The run's manifest, or None when the run has not started yet."""
+    from pyarrow import fs as pafs
+
+    filesys, path = filesystem(run)
+    if filesys.get_file_info(f"{path}/manifest.json").type == pafs.FileType.NotFound:
+        return None
+    with filesys.open_input_stream(f"{path}/manifest.json") as f:
+        return json.loads(f.read())
+
+
+def write_manifest(run: str, manifest: dict[str, Any]) -> None:
+    """Write to a temporary name, then rename: readers never see half a manifest."""
+    filesys, path = filesystem(run)
+    filesys.create_dir(path, recursive=True)
+    tmp = f"{path}/.manifest.{uuid.uuid4().hex}.tmp"
+    with filesys.open_output_stream(tmp) as f:
+        f.write(json.dumps(manifest, indent=2, default=str).encode())
+    filesys.move(tmp, f"{path}/manifest.json")
+
+
+def start_run(spec) -> str:
+    """Create or reopen the run folder and record this start; returns the run folder."""
+    run = run_uri(spec)
+    manifest = read_manifest(run) or {"name": spec.name, "created_at": _now(), "stages": {}}
+    manifest.update(
+        spec=spec.model_dump(mode="json"),
+        versions={p: _version(p) for p in PACKAGES} | {"python": platform.python_version()},
+        host={"hostname": socket.gethostname(), "platform": platform.platform(),
+              "cpus": os.cpu_count()},
+        started_at=_now(),
+    )  # fmt: skip
+    write_manifest(run, manifest)
+    return run
+
+
+def update_stage(run: str, stage: str, status: str, **fields: Any) -> None:
+    """Record a stage's status (running, succeeded, failed, not_built) and its outputs."""
+    manifest = read_manifest(run) or {"stages": {}}
+    entry = manifest["stages"].setdefault(stage, {})
+    if status == "running":
+        entry.clear()
+        entry["started_at"] = _now()
+    else:
+        entry["ended_at"] = _now()
+    entry.update(status=status, **fields)
+    write_manifest(run, manifest)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,74 @@
+"""The `model:` section and the model presets: a causal LM built from a preset, a HF config or a folder."""
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from llm_dist.base import Section
+
+# Llama-architecture sizes. `tiny` trains on two CPU cores in minutes; the rest are
+# for clusters. Vocabulary size always follows the tokenizer.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, intermediate_size=704, max_position_embeddings=512,
+                 tie_word_embeddings=True),
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=12, intermediate_size=2048, max_position_embeddings=2048,
+                 tie_word_embeddings=True),
+    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=16, intermediate_size=2816, max_position_embeddings=2048,
+                 tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192, max_position_embeddings=4096,
+               tie_word_embeddings=True),
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, intermediate_size=11008, max_position_embeddings=4096,
+               tie_word_embeddings=False),
+    "13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, intermediate_size=13824, max_position_embeddings=4096,
+                tie_word_embeddings=False),
+}  # fmt: skip
+
+
+class ModelConfig(Section):
+    """Which causal LM to train: exactly one of `preset`, `config` or `path`."""
+
+    preset: Literal["tiny", "125m", "350m", "1b", "7b", "13b"] | None = "tiny"
+    """A named Llama-architecture size; set it to null when `config` or `path` is used."""
+    config: str | None = None
+    """A Hugging Face `config.json` to build the model from (random weights)."""
+    path: str | None = None
+    """A local Hugging Face model folder to start from (its weights are loaded)."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Hugging Face config keys to change, e.g. `{num_hidden_layers: 2}`."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Attention dropout probability."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        chosen = [k for k in ("preset", "config", "path") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"model: {' and '.join(chosen) or 'none'} set; set exactly one of model.preset, "
+                "model.config or model.path (set the others to null)"
+            )
+        if "vocab_size" in self.overrides:
+            raise ValueError(
+                "model.overrides.vocab_size: the vocabulary follows the tokenizer; "
+                "set data.tokenizer.vocab_size instead"
+            )
+        return self
+
+    def hf_config(self) -> dict[str, Any] | None:
+        """The Hugging Face config keys known without building the model (None when unreadable)."""
+        if self.preset is not None:
+            base = dict(PRESETS[self.preset])
+        else:
+            file = Path(self.config) if self.config else Path(self.path or "") / "config.json"
+            try:
+                base = json.loads(file.read_text())
+            except (OSError, ValueError):
+                return None
+        return {**base, **self.overrides}

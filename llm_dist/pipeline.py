@@ -1,0 +1,33 @@
+"""Runs the stages a spec names, in order, recording each one in the run manifest."""
+
+from llm_dist.base import UserError
+from llm_dist.manifest import start_run, update_stage
+
+
+class StageNotBuilt(UserError):
+    """A stage this version of llm-dist does not implement yet."""
+
+
+def run_stage(spec, stage: str, run: str) -> dict:
+    """Run one stage of `spec` in the run folder `run`; returns its outputs for the manifest."""
+    raise StageNotBuilt(
+        f"the {stage} stage is not built yet in this version of llm-dist; "
+        f"the run stopped before it (outputs so far are in {run})"
+    )
+
+
+def run(spec, stages: list[str] | None = None) -> str:
+    """Run `stages` (default: the spec's own list); returns the run folder."""
+    folder = start_run(spec)
+    for stage in stages or spec.stages:
+        update_stage(folder, stage, "running")
+        try:
+            outputs = run_stage(spec, stage, folder)
+        except StageNotBuilt:
+            update_stage(folder, stage, "not_built")
+            raise
+        except BaseException as e:
+            update_stage(folder, stage, "failed", error=f"{type(e).__name__}: {e}")
+            raise
+        update_stage(folder, stage, "succeeded", outputs=outputs)
+    return folder

@@ -1,0 +1,75 @@
+"""The `serve:` section: how Ray Serve hosts the winner behind an OpenAI-compatible API."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llm_dist.base import Section
+
+
+class AutoscalingConfig(Section):
+    """Ray Serve autoscaling of the model's replicas."""
+
+    min_replicas: int = Field(1, ge=0)
+    """Fewest replicas kept running."""
+    max_replicas: int = Field(2, ge=1)
+    """Most replicas the autoscaler starts."""
+    target_ongoing_requests: float = Field(4.0, gt=0.0)
+    """Ongoing requests per replica the autoscaler aims at."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"serve.autoscaling.min_replicas: {self.min_replicas} is above max_replicas "
+                f"({self.max_replicas}); lower min_replicas or raise max_replicas"
+            )
+        return self
+
+
+class ServeConfig(Section):
+    """What is served, where it listens, and how it batches, scales and guards itself."""
+
+    model: str | None = None
+    """A local HF model folder; empty serves the run's tune winner, else its pretrain export."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """transformers works everywhere (CPU included); vllm (Ray Serve LLM) needs GPUs."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds to; loopback unless you mean to expose it."""
+    port: int = Field(8000, ge=1, le=65535)
+    """Port of the HTTP proxy."""
+    num_replicas: int = Field(1, ge=1)
+    """Fixed replica count (ignored when `autoscaling` is set)."""
+    autoscaling: AutoscalingConfig | None = None
+    """Autoscale replicas instead of a fixed count (see `serve.autoscaling.*`)."""
+    cpus_per_replica: float = Field(1.0, gt=0.0)
+    """CPUs reserved per replica."""
+    gpus_per_replica: float = Field(0.0, ge=0.0)
+    """GPUs per replica (0 on CPU machines)."""
+    max_batch_size: int = Field(8, ge=1)
+    """Most requests decoded together on one replica."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    """How long a replica waits to fill a batch."""
+    max_ongoing_requests: int = Field(16, ge=1)
+    """Requests a replica accepts at once."""
+    max_queued_requests: int = Field(64, ge=-1)
+    """Requests queued beyond that before answering 503 (-1: unbounded)."""
+    max_tokens: int = Field(256, ge=1)
+    """Cap on a request's max_tokens."""
+    max_prompt_tokens: int = Field(1024, ge=1)
+    """Longer prompts are refused with 413."""
+    api_keys_env: str | None = None
+    """Environment variable holding comma-separated API keys; when set, requests need one."""
+    api_keys_file: str | None = None
+    """File with one API key per line; when set, requests need one."""
+    keep_serving: bool = False
+    """After `llm-dist run`, keep the deployment up instead of stopping after one request."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.engine == "vllm" and self.gpus_per_replica < 1:
+            raise ValueError(
+                "serve.engine: vllm needs a GPU per replica; set serve.gpus_per_replica: 1 "
+                "or engine: transformers"
+            )
+        return self

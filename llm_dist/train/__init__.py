@@ -1,0 +1,1 @@
+"""The pretrain stage: DeepSpeed ZeRO workers under Ray Train."""

@@ -1,0 +1,131 @@
+"""The `tune:` section: a Ray Tune sweep of fine-tuning trials from the pretrained model."""
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from llm_dist.base import Section
+
+# Trial settings a search space may vary (each is also a field of TuneConfig, its default).
+TUNABLE = ("lr", "weight_decay", "warmup_steps", "micro_batch_size", "method",
+           "lora_r", "lora_alpha", "lora_dropout", "freeze_layers")  # fmt: skip
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+class TaskConfig(Section):
+    """The fine-tuning task data: plain text, or instruction/response pairs (SFT)."""
+
+    sources: list[str] = Field(default_factory=list)
+    """Files, folders or globs of .jsonl / .parquet / .txt with the task's records."""
+    format: Literal["text", "sft"] = "sft"
+    """text: continued pretraining on `text_field`; sft: loss on the response tokens only."""
+    text_field: str = "text"
+    """The text field (format text)."""
+    prompt_field: str = "prompt"
+    """The instruction field (format sft)."""
+    response_field: str = "response"
+    """The response field (format sft)."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of records held out for validation (trial selection)."""
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of records held out for the winner's unbiased test figure."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"tune.task.val_fraction + tune.task.test_fraction: {self.val_fraction} + "
+                f"{self.test_fraction} leaves no training records; keep their sum below 1"
+            )
+        return self
+
+
+class TuneConfig(Section):
+    """The sweep: trial defaults, the search space, the search algorithm and scheduler."""
+
+    base_model: str | None = None
+    """A local HF model folder to fine-tune; empty means this run's pretrain export."""
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    """The task data (see `tune.task.*`)."""
+    method: Literal["full", "lora", "freeze"] = "lora"
+    """Full fine-tuning, LoRA adapters (peft), or freezing the first `freeze_layers` layers."""
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    """Learning rate of each trial."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay of each trial."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps of each trial."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Sequences per worker per step in each trial."""
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps per trial (the budget ASHA's rungs are counted in)."""
+    eval_every: int = Field(20, ge=1)
+    """Steps between validation reports (what ASHA decides on)."""
+    lora_r: int = Field(8, ge=1)
+    """LoRA rank."""
+    lora_alpha: float = Field(16.0, gt=0.0)
+    """LoRA scaling alpha."""
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """LoRA dropout."""
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module names that get LoRA adapters."""
+    freeze_layers: int = Field(0, ge=0)
+    """Layers frozen from the bottom (method freeze)."""
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers per trial (each trial is itself a DeepSpeed run)."""
+    search_space: dict[str, Any] = Field(default_factory=dict)
+    """Trial settings to vary: `{lr: {loguniform: [1e-5, 1e-3]}, method: {choice: [full, lora]}}`."""
+    search: Literal["random", "optuna"] = "random"
+    """random (with grid entries expanded) or optuna (TPE)."""
+    scheduler: Literal["fifo", "asha", "pbt"] = "asha"
+    """fifo runs every trial to the end; asha stops bad trials early; pbt mutates running ones."""
+    grace_period: int = Field(1, ge=1)
+    """Evaluations a trial gets before ASHA may stop it."""
+    num_samples: int = Field(4, ge=1)
+    """Trials to sample (each grid point is repeated this many times)."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """Trials running at once; empty lets Ray fill the cluster."""
+    metric: Literal["val_loss", "val_perplexity"] = "val_loss"
+    """The validation metric that ranks trials."""
+    mode: Literal["min", "max"] = "min"
+    """Whether a lower or higher metric wins."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        problems = []
+        for name, dim in self.search_space.items():
+            where = f"tune.search_space.{name}"
+            if name not in TUNABLE:
+                problems.append(f"{where}: not a tunable setting; use one of {', '.join(TUNABLE)}")
+                continue
+            if not (isinstance(dim, dict) and len(dim) == 1 and next(iter(dim)) in DISTRIBUTIONS):
+                problems.append(
+                    f"{where}: {dim!r} is not a distribution; write one of "
+                    + ", ".join(f"{{{d}: [...]}}" for d in DISTRIBUTIONS)
+                )
+                continue
+            kind, args = next(iter(dim.items()))
+            if not isinstance(args, list) or not args:
+                problems.append(f"{where}.{kind}: needs a non-empty list, got {args!r}")
+            elif kind in ("uniform", "loguniform", "randint") and not (
+                len(args) == 2
+                and all(isinstance(a, int | float) and not isinstance(a, bool) for a in args)
+                and args[0] < args[1]
+            ):
+                problems.append(
+                    f"{where}.{kind}: needs [low, high] numbers with low < high, got {args}"
+                )
+            elif kind == "loguniform" and args[0] <= 0:
+                problems.append(f"{where}.loguniform: low must be > 0, got {args[0]}")
+            elif kind == "grid" and self.search == "optuna":
+                problems.append(
+                    f"{where}.grid: optuna cannot search a grid; use choice or search: random"
+                )
+        if self.scheduler == "pbt" and "method" in self.search_space:
+            problems.append(
+                "tune.search_space.method: PBT cannot switch a running trial's method; "
+                "fix method or use scheduler: asha"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self

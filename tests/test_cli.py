@@ -1,0 +1,114 @@
+"""The `llm-dist` command: exit codes, messages, no tracebacks for user errors, a fast --help."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parent.parent
+QUICKSTART = ROOT / "jobs" / "quickstart.yaml"
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llm_dist.cli", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_help_lists_every_verb_and_imports_nothing_heavy():
+    probe = (
+        "import sys\nfrom llm_dist import cli\n"
+        "try:\n    cli.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "heavy = [m for m in ('torch', 'ray', 'deepspeed', 'transformers', 'pyarrow', 'pydantic')"
+        " if m in sys.modules]\nprint('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert "HEAVY []" in out.stdout
+    for verb in ("validate", "run", "data", "pretrain", "tune", "serve", "submit", "status",
+                 "logs", "stop"):  # fmt: skip
+        assert verb in out.stdout
+
+
+def test_validate_imports_no_framework():
+    probe = (
+        "import sys\nfrom llm_dist import cli\n"
+        f"assert cli.main(['validate', {str(QUICKSTART)!r}]) == 0\n"
+        "print('HEAVY', [m for m in ('torch', 'ray', 'deepspeed', 'transformers') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert "HEAVY []" in out.stdout, out.stderr
+
+
+def test_validate_ok():
+    out = cli("validate", str(QUICKSTART))
+    assert out.returncode == 0
+    assert "valid (run 'quickstart'" in out.stdout
+
+
+def test_validate_print_round_trips_with_overrides(tmp_path):
+    out = cli("validate", str(QUICKSTART), "--print", "--set", "pretrain.zero_stage=3")
+    assert out.returncode == 0, out.stderr
+    effective = yaml.safe_load(out.stdout)
+    assert effective["pretrain"]["zero_stage"] == 3
+    assert effective["pretrain"]["grad_clip"] == 1.0  # defaults are shown too
+    (tmp_path / "effective.yaml").write_text(out.stdout)
+    again = cli("validate", str(tmp_path / "effective.yaml"), "--print")
+    assert again.stdout == out.stdout
+
+
+def test_missing_file():
+    out = cli("validate", "no/such/spec.yaml")
+    assert out.returncode == 2
+    assert out.stderr == "llm-dist: error: spec file not found: no/such/spec.yaml\n"
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\npretrain:\n  zero_stage: [2\n  lr: 1\n")
+    out = cli("validate", str(bad))
+    assert out.returncode == 2
+    assert "malformed YAML at line 4" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_top_level_not_a_mapping(tmp_path):
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    out = cli("validate", str(bad))
+    assert out.returncode == 2
+    assert "the top level must be a mapping of keys, got list" in out.stderr
+
+
+def test_bad_spec_lists_problems_without_traceback():
+    out = cli(
+        "validate", str(QUICKSTART), "--set", "pretrain.zero_stage=4", "--set", "serve.port=0"
+    )
+    assert out.returncode == 2
+    assert "2 problem(s)" in out.stderr
+    assert "pretrain.zero_stage: got 4" in out.stderr and "serve.port: got 0" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_verb():
+    out = cli("train", str(QUICKSTART))
+    assert out.returncode == 2
+    assert "invalid choice: 'train'" in out.stderr
+
+
+def test_verb_not_built_yet_exits_3(tmp_path):
+    out = cli("status", "raysubmit_123", "--address", "http://127.0.0.1:1")
+    assert out.returncode == 3
+    assert "not built yet" in out.stderr
+
+
+def test_run_records_manifest_and_stops_at_unbuilt_stage(tmp_path):
+    out = cli("run", str(QUICKSTART), "--set", f"storage_path={tmp_path}")
+    assert out.returncode == 3
+    assert "the data stage is not built yet" in out.stderr
+    manifest = json.loads((tmp_path / "quickstart" / "manifest.json").read_text())
+    assert manifest["spec"]["storage_path"] == str(tmp_path)
+    assert manifest["stages"]["data"]["status"] == "not_built"
+    assert "pretrain" not in manifest["stages"]  # nothing ran past the first missing stage
