@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: setup
+	$(BIN)/llm-dist data stdlib data/
 	$(BIN)/llm-dist run jobs/quickstart.yaml
 
 lint: setup

@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
         dest="data_verb", required=True, metavar="ACTION"
     )
     spec_verb("prepare", "read, clean, tokenize, pack and shard the corpus", parent=data)
+    stdlib = data.add_parser(
+        "stdlib",
+        help="collect the Python standard library's sources into JSONL (the quickstart corpus)",
+    )
+    stdlib.add_argument(
+        "out", metavar="OUT_DIR", help="writes stdlib.jsonl and stdlib_docstrings.jsonl here"
+    )
     spec_verb("pretrain", "pretrain the model with DeepSpeed ZeRO under Ray Train")
     spec_verb("tune", "run the Ray Tune fine-tuning sweep and pick the winner").add_argument(
         "--resume", action="store_true", help="continue an interrupted sweep"
@@ -74,6 +81,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.verb in ("status", "logs", "stop"):
         raise StageNotBuilt(f"`llm-dist {args.verb}` (Ray Jobs API) is not built yet")
+    if args.verb == "data" and args.data_verb == "stdlib":
+        from llm_dist.data.stdlib import collect
+
+        counts = collect(args.out)
+        print(f"{args.out}: {counts['documents']:,} documents in stdlib.jsonl, "
+              f"{counts['docstring_pairs']:,} pairs in stdlib_docstrings.jsonl")  # fmt: skip
+        return 0
     from llm_dist.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)

@@ -14,10 +14,15 @@ PACKAGES = ("llm-dist", "ray", "deepspeed", "torch", "transformers", "tokenizers
 
 def run_uri(spec) -> str:
     """The run folder: an absolute local path, or an s3:// / gs:// URI."""
+    return storage_uri(spec, spec.name)
+
+
+def storage_uri(spec, *parts: str) -> str:
+    """A place under storage_path: an absolute local path, or an s3:// / gs:// URI."""
     root = spec.storage_path
     if "://" in root and not root.startswith("file://"):
-        return f"{root.rstrip('/')}/{spec.name}"
-    return os.path.join(os.path.abspath(root.removeprefix("file://")), spec.name)
+        return "/".join([root.rstrip("/"), *parts])
+    return os.path.join(os.path.abspath(root.removeprefix("file://")), *parts)
 
 
 def filesystem(uri: str):
@@ -31,23 +36,32 @@ def filesystem(uri: str):
 
 def read_manifest(run: str) -> dict[str, Any] | None:
     """The run's manifest, or None when the run has not started yet."""
+    return read_json(run, "manifest.json")
+
+
+def read_json(folder: str, name: str) -> Any:
+    """A JSON file's content, or None when it does not exist."""
     from pyarrow import fs as pafs
 
-    filesys, path = filesystem(run)
-    if filesys.get_file_info(f"{path}/manifest.json").type == pafs.FileType.NotFound:
+    filesys, path = filesystem(folder)
+    if filesys.get_file_info(f"{path}/{name}").type == pafs.FileType.NotFound:
         return None
-    with filesys.open_input_stream(f"{path}/manifest.json") as f:
+    with filesys.open_input_stream(f"{path}/{name}") as f:
         return json.loads(f.read())
 
 
 def write_manifest(run: str, manifest: dict[str, Any]) -> None:
-    """Write to a temporary name, then rename: readers never see half a manifest."""
-    filesys, path = filesystem(run)
+    write_json(run, "manifest.json", manifest)
+
+
+def write_json(folder: str, name: str, data: Any) -> None:
+    """Write to a temporary name, then rename: readers never see half a file."""
+    filesys, path = filesystem(folder)
     filesys.create_dir(path, recursive=True)
-    tmp = f"{path}/.manifest.{uuid.uuid4().hex}.tmp"
+    tmp = f"{path}/.{name}.{uuid.uuid4().hex}.tmp"
     with filesys.open_output_stream(tmp) as f:
-        f.write(json.dumps(manifest, indent=2, default=str).encode())
-    filesys.move(tmp, f"{path}/manifest.json")
+        f.write(json.dumps(data, indent=2, default=str).encode())
+    filesys.move(tmp, f"{path}/{name}")
 
 
 def start_run(spec) -> str:

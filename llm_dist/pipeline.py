@@ -10,6 +10,10 @@ class StageNotBuilt(UserError):
 
 def run_stage(spec, stage: str, run: str) -> dict:
     """Run one stage of `spec` in the run folder `run`; returns its outputs for the manifest."""
+    if stage == "data":
+        from llm_dist.data.prepare import run_stage as data_stage
+
+        return data_stage(spec, run)
     raise StageNotBuilt(
         f"the {stage} stage is not built yet in this version of llm-dist; "
         f"the run stopped before it (outputs so far are in {run})"

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from llm_dist.base import Section, UserError
+from llm_dist.cluster import ClusterConfig
 from llm_dist.data.config import DataConfig
 from llm_dist.model import ModelConfig
 from llm_dist.serve import ServeConfig
@@ -18,25 +19,6 @@ from llm_dist.train.config import PretrainConfig
 from llm_dist.tune import TuneConfig
 
 STAGES = ("data", "pretrain", "tune", "serve")
-
-
-class ClusterConfig(Section):
-    """Where the job runs and what each Ray Train worker asks Ray for."""
-
-    address: str | None = None
-    """Ray address: empty starts an embedded local Ray; `auto` joins the cluster this runs on."""
-    use_gpu: Literal["auto", True, False] = "auto"
-    """Train on GPUs: auto uses them when the cluster has any."""
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    """CPUs reserved per training worker."""
-    gpus_per_worker: float = Field(1.0, gt=0.0)
-    """GPUs per training worker when GPUs are used."""
-    accelerator_type: str | None = None
-    """Ray accelerator type each worker needs (e.g. H100, A100), when GPUs are used."""
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    """How Ray places a run's workers on nodes."""
-    env: dict[str, str] = Field(default_factory=dict)
-    """Environment variables for every Ray worker (the job's runtime_env)."""
 
 
 class JobSpec(Section):

@@ -105,10 +105,21 @@ def test_verb_not_built_yet_exits_3(tmp_path):
 
 
 def test_run_records_manifest_and_stops_at_unbuilt_stage(tmp_path):
-    out = cli("run", str(QUICKSTART), "--set", f"storage_path={tmp_path}")
+    out = cli(
+        "run", str(QUICKSTART), "--set", f"storage_path={tmp_path}", "--set", "stages=[serve]"
+    )
     assert out.returncode == 3
-    assert "the data stage is not built yet" in out.stderr
+    assert "the serve stage is not built yet" in out.stderr
     manifest = json.loads((tmp_path / "quickstart" / "manifest.json").read_text())
     assert manifest["spec"]["storage_path"] == str(tmp_path)
-    assert manifest["stages"]["data"]["status"] == "not_built"
-    assert "pretrain" not in manifest["stages"]  # nothing ran past the first missing stage
+    assert manifest["stages"] == {"serve": manifest["stages"]["serve"]}
+    assert manifest["stages"]["serve"]["status"] == "not_built"
+
+
+def test_data_stage_with_missing_corpus_names_the_source(tmp_path):
+    out = cli("data", "prepare", str(QUICKSTART), "--set", f"storage_path={tmp_path}",
+              "--set", f"data.sources=[{tmp_path}/none.jsonl]")  # fmt: skip
+    assert out.returncode == 2
+    assert f"data.sources.0: '{tmp_path}/none.jsonl' matched no corpus files" in out.stderr
+    manifest = json.loads((tmp_path / "quickstart" / "manifest.json").read_text())
+    assert manifest["stages"]["data"]["status"] == "failed"

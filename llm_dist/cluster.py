@@ -1,0 +1,42 @@
+"""The `cluster:` section and connecting to Ray: an embedded local instance or the named cluster."""
+
+from typing import Literal
+
+from pydantic import Field
+
+from llm_dist.base import Section
+
+
+class ClusterConfig(Section):
+    """Where the job runs and what each Ray Train worker asks Ray for."""
+
+    address: str | None = None
+    """Ray address: empty starts an embedded local Ray; `auto` joins the cluster this runs on."""
+    use_gpu: Literal["auto", True, False] = "auto"
+    """Train on GPUs: auto uses them when the cluster has any."""
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs reserved per training worker."""
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+    """GPUs per training worker when GPUs are used."""
+    accelerator_type: str | None = None
+    """Ray accelerator type each worker needs (e.g. H100, A100), when GPUs are used."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places a run's workers on nodes."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables for every Ray worker (the job's runtime_env)."""
+
+
+def connect(spec) -> None:
+    """Join the Ray the spec names (`cluster.address`), or start an embedded local one.
+
+    A Ray already initialised in this process (a test session, a Ray job's driver) is reused.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=spec.cluster.address,
+        runtime_env={"env_vars": spec.cluster.env} if spec.cluster.env else None,
+        log_to_driver=True,
+    )

@@ -1,0 +1,185 @@
+"""Reading a corpus: expand sources, parse each record, clean it, and classify what is bad.
+
+Every record becomes one row: `source`, `line` (1-based line, row or block number), `text`
+(cleaned, or null), `reason` (null for a good document; a BAD reason sends the row to the
+quarantine, a DROPPED reason is ordinary cleaning), `head` (the first bytes of a bad record).
+"""
+
+import fnmatch
+import hashlib
+import io
+import json
+import unicodedata
+from collections.abc import Iterator
+
+import numpy as np
+
+from llm_dist.base import UserError
+
+FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet", ".txt": "txt"}
+BAD = ("invalid_json", "invalid_utf8", "missing_field", "not_a_string", "line_too_long")
+DROPPED = ("empty", "too_short", "too_long", "duplicate")
+ROWS_PER_BLOCK = 4096
+
+
+def format_of(path: str) -> str | None:
+    return next((f for ext, f in FORMATS.items() if path.endswith(ext)), None)
+
+
+def expand_sources(sources: list[str]) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every corpus file the sources name, sorted and deduplicated."""
+    from pyarrow import fs
+
+    from llm_dist.manifest import filesystem
+
+    found: dict[str, tuple[str, int, int]] = {}
+    for i, source in enumerate(sources):
+        filesys, path = filesystem(source)
+        scheme = source.split("://", 1)[0] + "://" if "://" in source else ""
+        pattern = any(ch in path for ch in "*?[")
+        base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0] if pattern else path
+        info = filesys.get_file_info(base)
+        if info.type == fs.FileType.File:
+            infos = [info]
+        elif info.type == fs.FileType.Directory:
+            infos = filesys.get_file_info(fs.FileSelector(base, recursive=True))
+        else:
+            infos = []
+        matched = [
+            f
+            for f in infos
+            if f.type == fs.FileType.File
+            and (not pattern or fnmatch.fnmatch(f.path, path))
+            and (info.type == fs.FileType.File or format_of(f.path))
+            and not any(part.startswith((".", "_")) for part in f.path[len(base) :].split("/"))
+        ]
+        if not matched:
+            raise UserError(f"data.sources.{i}: {source!r} matched no corpus files")
+        for f in matched:
+            if format_of(f.path) is None:
+                raise UserError(
+                    f"data.sources.{i}: {scheme}{f.path} is not .jsonl, .jsonl.gz, .parquet or .txt"
+                )
+            found[scheme + f.path] = (scheme + f.path, f.size, f.mtime_ns or 0)
+    return sorted(found.values())
+
+
+def clean(text: str, min_chars: int, max_chars: int | None) -> tuple[str | None, str | None]:
+    """(cleaned text, None) or (None, a DROPPED reason): NFC, no BOM or NUL, not blank."""
+    text = unicodedata.normalize("NFC", text.replace("\ufeff", "").replace("\x00", ""))
+    if not text.strip():
+        return None, "empty"
+    if len(text) < min_chars:
+        return None, "too_short"
+    if max_chars is not None and len(text) > max_chars:
+        return None, "too_long"
+    return text, None
+
+
+def doc_hash(text: str) -> int:
+    """A signed 64-bit content hash: equal texts are duplicates and always share a split."""
+    return int.from_bytes(
+        hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+def read_records(f, path: str, cfg) -> Iterator[tuple]:
+    """(line, text, reason, head) for each record of one file; never raises on a bad record."""
+    kind = format_of(path)
+    if kind == "parquet":
+        yield from _parquet_records(f, cfg)
+        return
+    if kind == "txt":
+        yield from _txt_records(f.read(), cfg)
+        return
+    stream = io.BufferedReader(f, buffer_size=1 << 20)  # pyarrow streams lack readline
+    number = 0
+    while True:
+        line = stream.readline(cfg.max_line_bytes + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > cfg.max_line_bytes and not line.endswith(b"\n"):
+            head = line[:80]
+            while line and not line.endswith(b"\n"):  # skip the rest of the over-long line
+                line = stream.readline(1 << 20)
+            yield number, None, "line_too_long", repr(head)
+            continue
+        if not line.strip():
+            continue  # a blank line is not a record
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            yield number, None, "invalid_utf8", repr(line[:80])
+            continue
+        except ValueError:
+            yield number, None, "invalid_json", repr(line[:80])
+            continue
+        yield (number, *_field(record, cfg, line))
+
+
+def _field(record, cfg, raw) -> tuple:
+    if not isinstance(record, dict) or cfg.text_field not in record:
+        return None, "missing_field", repr(raw[:80])
+    value = record[cfg.text_field]
+    if not isinstance(value, str):
+        return None, "not_a_string", repr(raw[:80])
+    return (*clean(value, cfg.min_chars, cfg.max_chars), None)
+
+
+def _txt_records(data: bytes, cfg) -> Iterator[tuple]:
+    if cfg.txt_split == "file":
+        blocks = [(1, data)]
+    else:  # blank-line-separated blocks, numbered by their first line
+        blocks, start, current = [], 1, []
+        for number, line in enumerate(data.split(b"\n"), 1):
+            if line.strip():
+                if not current:
+                    start = number
+                current.append(line)
+            elif current:
+                blocks.append((start, b"\n".join(current)))
+                current = []
+        if current:
+            blocks.append((start, b"\n".join(current)))
+    for number, block in blocks:
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            yield number, None, "invalid_utf8", repr(block[:80])
+            continue
+        yield (number, *clean(text, cfg.min_chars, cfg.max_chars), None)
+
+
+def _parquet_records(f, cfg) -> Iterator[tuple]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(f)
+    if cfg.text_field not in parquet.schema_arrow.names:
+        for row in range(parquet.metadata.num_rows):
+            yield row + 1, None, "missing_field", f"columns: {parquet.schema_arrow.names}"[:80]
+        return
+    row = 0
+    for batch in parquet.iter_batches(columns=[cfg.text_field], batch_size=ROWS_PER_BLOCK):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(value, str):
+                yield row, None, "not_a_string", repr(value)[:80]
+            else:
+                yield (row, *clean(value, cfg.min_chars, cfg.max_chars), None)
+
+
+def uniform(hashes: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded number in [0, 1) per document hash (splitmix64 of hash ^ seed), stable across runs."""
+    with np.errstate(over="ignore"):
+        x = hashes.astype(np.int64).view(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) % 2**64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+def split_of(hashes: np.ndarray, seed: int, val: float, test: float) -> np.ndarray:
+    """0 train, 1 val, 2 test for each document: by content, so duplicates share a split."""
+    u = uniform(hashes, seed)
+    return np.where(u < val, 1, np.where(u < val + test, 2, 0)).astype(np.int8)

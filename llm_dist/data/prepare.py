@@ -1,0 +1,212 @@
+"""The data stage: corpus -> cleaned documents -> tokenizer -> packed windows in Parquet shards.
+
+Ray Data reads, parses, cleans, tokenizes and packs in parallel, in one pass (plus a first
+look at every document when a tokenizer is trained or duplicates are dropped); the driver
+numbers the windows and writes them (see `pack`). The result lives in
+`<storage_path>/prepared/<fingerprint>/` and is committed by writing `prepared.json` last, so a
+later run with the same fingerprint reuses it and a crashed one is simply redone.
+"""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llm_dist.base import UserError
+from llm_dist.data import corpus
+from llm_dist.data.pack import SPLITS
+from llm_dist.manifest import filesystem, read_json, storage_uri, write_json
+
+
+def fingerprint(cfg, files: list[tuple[str, int, int]]) -> str:
+    """Everything the prepared windows depend on: files (size, mtime), tokenizer, cleaning, splits."""
+    tokenizer = cfg.tokenizer.model_dump()
+    if cfg.tokenizer.path:  # the folder's content, not just its name
+        folder = Path(cfg.tokenizer.path)
+        tokenizer["files"] = sorted(
+            (p.name, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in folder.glob("*")
+            if p.is_file()
+        )
+    key = {"files": files, "tokenizer": tokenizer, "version": 1,
+           **cfg.model_dump(exclude={"sources", "tokenizer", "max_bad_fraction"})}  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(spec) -> dict:
+    """Prepare (or reuse) the spec's data; returns the stats recorded in `prepared.json`."""
+    cfg = spec.data
+    files = corpus.expand_sources(cfg.sources)
+    root = storage_uri(spec, "prepared", fingerprint(cfg, files))
+    done = read_json(root, "prepared.json")
+    if done is not None:
+        return {**done, "reused": True}
+
+    import ray
+
+    from llm_dist.cluster import connect
+    from llm_dist.data import pack
+    from llm_dist.data.read import read_corpus
+
+    connect(spec)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic
+    start = time.perf_counter()
+    records = read_corpus([f[0] for f in files], cfg)
+    drop: frozenset = frozenset()
+    if cfg.dedup or not cfg.tokenizer.path:  # these need a look at every document first
+        records = records.materialize()
+        hashes, keys = _index(records)
+        drop = _duplicates(hashes, keys) if cfg.dedup else drop
+        tokenizer = _train_tokenizer(cfg, records, hashes, keys, drop)
+    else:
+        from llm_dist.data.tokenizer import load
+
+        tokenizer = load(cfg.tokenizer.path)
+    _copy_in(tokenizer.save_pretrained, f"{root}/tokenizer")
+    packed = records.map_batches(
+        pack.pack_batch,
+        fn_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
+                   "eos_id": tokenizer.eos_token_id, "cfg": cfg, "drop": drop},
+        batch_format="pyarrow", batch_size=1024,
+    )  # fmt: skip
+    written = pack.write(packed, cfg, root)
+    reasons = written.pop("reasons")
+    documents = sum(written["docs"].values())
+    total = documents + sum(reasons.values())
+    bad = {r: reasons[r] for r in corpus.BAD if r in reasons}
+    if total and sum(bad.values()) / total > cfg.max_bad_fraction:
+        from llm_dist.manifest import filesystem
+
+        filesys, path = filesystem(root)
+        for split in pack.SPLITS:  # keep the quarantine, drop the windows: nothing half-made stays
+            filesys.delete_dir_contents(f"{path}/{split}", missing_dir_ok=True)
+        raise UserError(
+            f"data: {sum(bad.values())} of {total} records are bad "
+            f"({sum(bad.values()) / total:.2%} > data.max_bad_fraction {cfg.max_bad_fraction}): "
+            f"{', '.join(f'{k} {v}' for k, v in bad.items())}; every one is listed in "
+            f"{root}/quarantine.jsonl. Fix the corpus or raise data.max_bad_fraction"
+        )
+    seconds = time.perf_counter() - start
+    stats = {
+        "prepared": root,
+        "files": len(files),
+        "records": total,
+        "documents": documents,
+        "bad": bad,
+        "dropped": {r: reasons[r] for r in corpus.DROPPED if r in reasons},
+        "quarantine": f"{root}/quarantine.jsonl",
+        "tokenizer": f"{root}/tokenizer",
+        "vocab_size": len(tokenizer),
+        "seq_len": cfg.seq_len,
+        **written,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(sum(written["tokens"].values()) / seconds),
+    }
+    write_json(root, "prepared.json", stats)  # the commit: only now is it reusable
+    return {**stats, "reused": False}
+
+
+def _index(records) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """Hash and (source, line) of every good document, in source order."""
+    hashes, keys = [], []
+    good = records.filter(expr=_col("reason").is_null()).select_columns(["hash", "source", "line"])
+    for batch in good.iter_batches(batch_format="pyarrow", batch_size=None):
+        hashes.append(batch["hash"].to_numpy())
+        keys += zip(batch["source"].to_pylist(), batch["line"].to_pylist(), strict=True)
+    return (np.concatenate(hashes) if hashes else np.zeros(0, np.int64)), keys
+
+
+def _duplicates(hashes: np.ndarray, keys: list[tuple[str, int]]) -> frozenset:
+    """(source, line) of every document whose text came earlier: the first one is kept."""
+    _, first = np.unique(hashes, return_index=True)
+    later = np.ones(len(hashes), bool)
+    later[first] = False
+    return frozenset(k for k, dup in zip(keys, later, strict=True) if dup)
+
+
+def _train_tokenizer(cfg, records, hashes, keys, drop):
+    """A BPE trained on the `train_sample_docs` training documents with the smallest seeded draw."""
+    from llm_dist.data import tokenizer
+
+    if cfg.tokenizer.path:
+        return tokenizer.load(cfg.tokenizer.path)
+    keep = np.array([k not in drop for k in keys], bool)
+    train = (corpus.split_of(hashes, cfg.seed, cfg.val_fraction, cfg.test_fraction) == 0) & keep
+    draws = np.sort(corpus.uniform(hashes[train], cfg.seed + 1))
+    if not len(draws):
+        raise UserError("data: no training documents left after cleaning; check data.sources, "
+                        "data.text_field and data.val_fraction / data.test_fraction")  # fmt: skip
+    cutoff = draws[min(cfg.tokenizer.train_sample_docs, len(draws)) - 1]
+
+    def sample(batch):
+        h = batch["hash"]
+        pick = (corpus.split_of(h, cfg.seed, cfg.val_fraction, cfg.test_fraction) == 0) & (
+            corpus.uniform(h, cfg.seed + 1) <= cutoff
+        )
+        pick &= np.array(
+            [(s, int(n)) not in drop for s, n in zip(batch["source"], batch["line"], strict=True)],
+            bool,
+        )
+        return {"text": batch["text"][pick]}
+
+    docs = records.filter(expr=_col("reason").is_null())
+    texts = [r["text"] for r in docs.map_batches(sample, batch_format="numpy").iter_rows()]
+    return tokenizer.train_bpe(texts, cfg.tokenizer.vocab_size, cfg.seq_len)
+
+
+def _col(name: str):
+    from ray.data.expressions import col
+
+    return col(name)
+
+
+def run_stage(spec, run: str) -> dict:
+    """The data stage of a run: prepare or reuse, copy tokenizer and quarantine in, report."""
+    from pyarrow import fs
+
+    stats = prepare(spec)
+    filesys, path = filesystem(run)
+    src_fs, src = filesystem(stats["prepared"])
+    filesys.create_dir(f"{path}/data/tokenizer", recursive=True)
+    fs.copy_files(f"{src}/tokenizer", f"{path}/data/tokenizer", src_fs, filesys)
+    fs.copy_files(f"{src}/quarantine.jsonl", f"{path}/data/quarantine.jsonl", src_fs, filesys)
+    _report(stats)
+    return stats
+
+
+def _report(stats: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="data" + (" (reused: fingerprint matches)" if stats["reused"] else ""))
+    for column in ("", "train", "val", "test"):
+        table.add_column(column, justify="right")
+    for key in ("docs", "tokens", "sequences", "remainder"):
+        table.add_row(key, *(f"{stats[key][s]:,}" for s in SPLITS))
+    console = Console()
+    console.print(table)
+    bad = ", ".join(f"{k} {v:,}" for k, v in stats["bad"].items()) or "none"
+    dropped = ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items()) or "none"
+    console.print(
+        f"records {stats['records']:,} from {stats['files']} file(s); documents "
+        f"{stats['documents']:,}; bad records: {bad} (listed in {stats['quarantine']}); "
+        f"dropped: {dropped}; {stats['tokens_per_s']:,} tokens/s over {stats['seconds']} s; "
+        f"prepared data: {stats['prepared']}"
+    )
+
+
+def _copy_in(save, uri: str) -> None:
+    """Run `save(folder)` straight into a local `uri`, or via a temporary folder to object storage."""
+    if "://" not in uri:
+        save(uri)
+        return
+    import tempfile
+
+    from pyarrow import fs
+
+    filesys, path = filesystem(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(tmp)
+        fs.copy_files(tmp, path, destination_filesystem=filesys)

@@ -1,0 +1,58 @@
+"""Shared fixtures: one real local Ray for the whole session, and a corpus with every kind of bad record."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray, started once (a start costs ~6 s on two cores)."""
+    import ray
+
+    # 4 logical CPUs on 2 cores: 2 training workers hold 2, and Ray Data still needs
+    # CPU slots to read their shards or the split waits forever.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+GOOD = [
+    f"document {i:04d} says " + " ".join(f"word{i % 7}{j}" for j in range(30)) for i in range(60)
+]
+
+# The nasty file: each bad kind once or more, plus cleaning cases (not bad) and good documents.
+NASTY_BAD = {"invalid_json": 2, "invalid_utf8": 1, "missing_field": 2, "not_a_string": 2,
+             "line_too_long": 1}  # fmt: skip
+NASTY_DROPPED = {"empty": 2}
+
+
+def write_nasty(folder: Path) -> None:
+    """A corpus folder: nasty.jsonl (31 records), more.jsonl.gz (19), notes.txt, table.parquet (10)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": t}).encode() for t in GOOD[:20]]
+    lines += [
+        b'{"text": "unterminated',  # invalid_json
+        b"not json at all",  # invalid_json
+        b'{"text": "caf\xe9 latin-1"}',  # invalid_utf8
+        b'{"body": "no text field"}',  # missing_field
+        b'["a", "list"]',  # missing_field
+        b'{"text": 42}',  # not_a_string
+        b'{"text": null}',  # not_a_string
+        json.dumps({"text": "x" * 5000}).encode(),  # line_too_long (max_line_bytes 2048)
+        b"",  # a blank line: not a record
+        json.dumps({"text": "   \n\t "}).encode(),  # empty after cleaning
+        json.dumps({"text": "\ufeff\x00"}).encode(),  # only a BOM and a NUL: empty
+        json.dumps({"text": "\ufeffCafe\u0301 \x00menu " + GOOD[20]}).encode(),  # cleaned, kept
+    ]
+    (folder / "nasty.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    gz = [json.dumps({"text": t}) for t in GOOD[21:40]]
+    (folder / "more.jsonl.gz").write_bytes(gzip.compress(("\n".join(gz) + "\n").encode()))
+    (folder / "notes.txt").write_text("\n\n".join(GOOD[40:50]) + "\n")
+    pq.write_table(pa.table({"text": GOOD[50:60]}), folder / "table.parquet")

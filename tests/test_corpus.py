@@ -1,0 +1,111 @@
+"""Reading records without Ray: each format, each bad kind counted exactly, cleaning, splits."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from conftest import GOOD, NASTY_BAD, NASTY_DROPPED, write_nasty
+from pyarrow import fs
+
+from llm_dist.base import UserError
+from llm_dist.data import corpus
+from llm_dist.data.config import DataConfig
+
+
+def records(path: str, cfg: DataConfig) -> list[tuple]:
+    local = fs.LocalFileSystem()
+    if corpus.format_of(path) == "parquet":
+        f = local.open_input_file(path)
+    else:
+        f = local.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None)
+    return list(corpus.read_records(f, path, cfg))
+
+
+@pytest.fixture
+def nasty(tmp_path):
+    write_nasty(tmp_path)
+    return tmp_path
+
+
+def test_each_bad_kind_counted_exactly_and_nothing_lost(nasty):
+    cfg = DataConfig(sources=["x"], max_line_bytes=2048)
+    rows = records(str(nasty / "nasty.jsonl"), cfg)
+    reasons = Counter(r[2] for r in rows if r[2])
+    assert {k: reasons[k] for k in NASTY_BAD} == NASTY_BAD
+    assert {k: reasons[k] for k in NASTY_DROPPED} == NASTY_DROPPED
+    assert len(rows) == 31  # 32 lines, one of them blank: every other line is one row
+    bad_lines = sorted(r[0] for r in rows if r[2] in corpus.BAD)
+    assert bad_lines == [21, 22, 23, 24, 25, 26, 27, 28]
+    assert all(r[3] for r in rows if r[2] in corpus.BAD)  # first bytes kept for the quarantine
+
+
+def test_cleaning_nfc_bom_nul(nasty):
+    rows = records(str(nasty / "nasty.jsonl"), DataConfig(sources=["x"], max_line_bytes=2048))
+    cleaned = rows[-1][1]
+    assert cleaned.startswith("Café menu ")  # BOM and NUL gone, e + combining accent composed
+    assert "\u0301" not in cleaned and "\x00" not in cleaned and "\ufeff" not in cleaned
+
+
+def test_each_format(nasty):
+    cfg = DataConfig(sources=["x"])
+    texts = lambda name, c=cfg: [r[1] for r in records(str(nasty / name), c) if r[1]]  # noqa: E731
+    assert texts("more.jsonl.gz") == GOOD[21:40]
+    assert texts("table.parquet") == GOOD[50:60]
+    assert texts("notes.txt") == ["\n\n".join(GOOD[40:50]) + "\n"]  # one document per file
+    blocks = records(str(nasty / "notes.txt"), DataConfig(sources=["x"], txt_split="blank_line"))
+    assert [r[1] for r in blocks] == GOOD[40:50]
+    assert [r[0] for r in blocks] == list(range(1, 20, 2))  # numbered by their first line
+
+
+def test_parquet_missing_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["a", "b", None]}), tmp_path / "t.parquet")
+    rows = records(str(tmp_path / "t.parquet"), DataConfig(sources=["x"]))
+    assert [r[2] for r in rows] == ["missing_field"] * 3
+
+
+def test_length_limits():
+    assert corpus.clean("abc", 5, None) == (None, "too_short")
+    assert corpus.clean("abcdef", 1, 3) == (None, "too_long")
+    assert corpus.clean("abc", 1, 3) == ("abc", None)
+
+
+def test_expand_sources(nasty):
+    files = corpus.expand_sources([str(nasty), str(nasty / "*.jsonl")])
+    assert [p.rsplit("/", 1)[1] for p, _, _ in files] == [
+        "more.jsonl.gz", "nasty.jsonl", "notes.txt", "table.parquet"
+    ]  # fmt: skip
+    assert all(size > 0 and mtime > 0 for _, size, mtime in files)
+    with pytest.raises(
+        UserError, match=r"data.sources.1: '.*nothing\*.jsonl' matched no corpus files"
+    ):
+        corpus.expand_sources([str(nasty), str(nasty / "nothing*.jsonl")])
+    (nasty / "x.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match=r"data.sources.0: .*x.csv is not .jsonl"):
+        corpus.expand_sources([str(nasty / "x.csv")])
+
+
+def test_splits_by_content_are_seeded_and_sized():
+    hashes = np.array([corpus.doc_hash(f"doc {i}") for i in range(20_000)], np.int64)
+    a = corpus.split_of(hashes, 0, 0.1, 0.05)
+    assert np.array_equal(a, corpus.split_of(hashes, 0, 0.1, 0.05))
+    assert not np.array_equal(a, corpus.split_of(hashes, 1, 0.1, 0.05))
+    shares = np.bincount(a, minlength=3) / len(a)
+    assert abs(shares[1] - 0.1) < 0.01 and abs(shares[2] - 0.05) < 0.01
+    same = np.array([corpus.doc_hash("same text")] * 3, np.int64)
+    assert len(set(corpus.split_of(same, 0, 0.3, 0.3))) == 1  # duplicates share a split
+
+
+def test_stdlib_corpus(tmp_path):
+    from llm_dist.data.stdlib import collect
+
+    counts = collect(tmp_path)
+    assert counts["documents"] > 3000 and counts["docstring_pairs"] > 1000
+    first = json.loads((tmp_path / "stdlib.jsonl").open().readline())
+    assert first["text"] and first["source"].endswith(".py")
+    pair = json.loads((tmp_path / "stdlib_docstrings.jsonl").open().readline())
+    assert pair["prompt"].startswith(("def ", "async def ")) and pair["prompt"].endswith("):")
+    assert pair["response"]

@@ -1,0 +1,205 @@
+"""The data stage on a real local Ray: counts, quarantine, tokenizer, packing, splits, reuse, feeding."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import NASTY_BAD, write_nasty
+
+from llm_dist.base import UserError
+from llm_dist.data import corpus
+from llm_dist.data.prepare import SPLITS, prepare, run_stage
+from llm_dist.spec import JobSpec
+
+pytestmark = pytest.mark.slow
+
+
+def spec_for(storage: Path, sources: list[str], **data) -> JobSpec:
+    data = {"sources": sources, "seq_len": 32, "max_line_bytes": 2048, "max_bad_fraction": 0.2,
+            "tokenizer": {"vocab_size": 300, "train_sample_docs": 1000}, **data}  # fmt: skip
+    return JobSpec(name="d", storage_path=str(storage), stages=["data"], data=data)
+
+
+def windows(prepared: str, split: str) -> dict[int, np.ndarray]:
+    folder = Path(prepared) / split
+    if not folder.exists():
+        return {}
+    table = pq.read_table(folder)
+    tokens = np.stack(table["tokens"].to_numpy(zero_copy_only=False))
+    return dict(zip(table["id"].to_pylist(), tokens, strict=True))
+
+
+@pytest.fixture(scope="module")
+def nasty_run(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("nasty")
+    write_nasty(root / "corpus")
+    spec = spec_for(root / "runs", [str(root / "corpus")])
+    run = str(root / "runs" / "d")
+    return spec, run_stage(spec, run), run
+
+
+def test_counts_and_quarantine(nasty_run):
+    _, stats, run = nasty_run
+    assert stats["bad"] == NASTY_BAD
+    assert stats["dropped"] == {"empty": 2}
+    assert stats["records"] == 31 + 19 + 1 + 10  # txt is one document per file by default
+    assert stats["documents"] == stats["records"] - 8 - 2
+    lines = [json.loads(x) for x in Path(run, "data", "quarantine.jsonl").read_text().splitlines()]
+    assert Counter(x["reason"] for x in lines) == Counter(NASTY_BAD)
+    assert {x["line"] for x in lines} == set(range(21, 29))
+    assert all(x["source"].endswith("nasty.jsonl") and x["head"] for x in lines)
+
+
+def test_too_many_bad_records_fail_and_nothing_is_lost(ray_session, tmp_path):
+    write_nasty(tmp_path / "corpus")
+    spec = spec_for(tmp_path / "runs", [str(tmp_path / "corpus")], max_bad_fraction=0.01)
+    with pytest.raises(UserError) as err:
+        prepare(spec)
+    assert "data: 8 of 61 records are bad (13.11% > data.max_bad_fraction 0.01)" in str(err.value)
+    assert "raise data.max_bad_fraction" in str(err.value)
+    prepared = next((tmp_path / "runs" / "prepared").iterdir())
+    assert len((prepared / "quarantine.jsonl").read_text().splitlines()) == 8
+    assert not (prepared / "prepared.json").exists()  # never reused as if it were whole
+
+
+def test_tokenizer_reloads_offline(nasty_run, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, stats, run = nasty_run
+    tok = AutoTokenizer.from_pretrained(str(Path(run, "data", "tokenizer")))
+    assert len(tok) == stats["vocab_size"] == 300
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|endoftext|>", "<|pad|>", "<|bos|>")
+    text = "document 0042 says word13 — café ✓"
+    assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: any text round-trips
+
+
+def test_packing_matches_plain_tokenization(nasty_run):
+    """Tokens in windows + remainder = tokens of the cleaned documents + one EOS each, per split."""
+    from transformers import AutoTokenizer
+
+    spec, stats, run = nasty_run
+    tok = AutoTokenizer.from_pretrained(str(Path(run, "data", "tokenizer")))
+    expected = {s: Counter() for s in SPLITS}
+    for path, _, _ in corpus.expand_sources(spec.data.sources):
+        from pyarrow import fs
+
+        local = fs.LocalFileSystem()
+        f = (local.open_input_file(path) if path.endswith(".parquet")
+             else local.open_input_stream(path, compression="detect"))  # fmt: skip
+        for _, text, _, _ in corpus.read_records(f, path, spec.data):
+            if text:
+                h = np.array([corpus.doc_hash(text)], np.int64)
+                split = SPLITS[corpus.split_of(h, 0, 0.05, 0.05)[0]]
+                expected[split].update(tok(text)["input_ids"] + [tok.eos_token_id])
+    width = spec.data.seq_len + 1
+    all_ids = []
+    for split in SPLITS:
+        got = windows(stats["prepared"], split)
+        all_ids += list(got)
+        assert stats["sequences"][split] == len(got)
+        assert stats["tokens"][split] == sum(expected[split].values())
+        assert stats["tokens"][split] == len(got) * width + stats["remainder"][split]
+        assert stats["remainder"][split] < width
+        seen = Counter(t for w in got.values() for t in w.tolist())
+        assert not seen - expected[split]  # nothing duplicated, nothing invented
+    assert sorted(all_ids) == list(range(len(all_ids)))  # dense, unique global ids
+
+
+def test_splits_are_disjoint_by_document(ray_session, tmp_path):
+    """Each document is one unique marker word repeated: each marker lands in exactly one split."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    docs = [{"text": f"m{i:04d}x " * 40} for i in range(300)]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    spec = spec_for(tmp_path / "runs", [str(src)], val_fraction=0.1, test_fraction=0.1)
+    stats = prepare(spec)
+    tok = AutoTokenizer.from_pretrained(f"{stats['prepared']}/tokenizer")
+    markers = {}
+    for split in SPLITS:
+        text = tok.decode(np.concatenate(list(windows(stats["prepared"], split).values())))
+        markers[split] = set(re.findall(r"m(\d{4})x", text))
+    assert not markers["train"] & markers["val"]
+    assert not markers["train"] & markers["test"]
+    assert not markers["val"] & markers["test"]
+    assert len(set().union(*markers.values())) >= 300 - 3  # only a remainder may hide a doc
+    assert 10 <= stats["docs"]["val"] <= 50 and 10 <= stats["docs"]["test"] <= 50
+
+
+def test_fingerprint_reuse_and_invalidation(ray_session, tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": f"text number {i} " * 5}) + "\n" for i in range(80)))
+    spec = spec_for(tmp_path / "runs", [str(src)])
+    first = prepare(spec)
+    again = prepare(spec)
+    assert (first["reused"], again["reused"]) == (False, True)
+    assert again["prepared"] == first["prepared"]
+    other = prepare(spec_for(tmp_path / "runs", [str(src)], seq_len=16))
+    assert not other["reused"] and other["prepared"] != first["prepared"]
+    with src.open("a") as f:
+        f.write(json.dumps({"text": "one more document"}) + "\n")
+    changed = prepare(spec)
+    assert not changed["reused"] and changed["prepared"] != first["prepared"]
+    assert changed["documents"] == first["documents"] + 1
+
+
+def test_deterministic_under_a_seed(ray_session, tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_text(
+        "".join(json.dumps({"text": f"doc {i} " + "abc " * (i % 9)}) + "\n" for i in range(200))
+    )
+    a = prepare(spec_for(tmp_path / "a", [str(src)]))
+    b = prepare(spec_for(tmp_path / "b", [str(src)]))
+    c = prepare(spec_for(tmp_path / "c", [str(src)], seed=1))
+    for split in SPLITS:
+        wa, wb = windows(a["prepared"], split), windows(b["prepared"], split)
+        assert wa.keys() == wb.keys()
+        assert all(np.array_equal(wa[i], wb[i]) for i in wa)
+    assert (
+        Path(a["tokenizer"], "tokenizer.json").read_text()
+        == Path(b["tokenizer"], "tokenizer.json").read_text()
+    )
+    assert c["docs"] != a["docs"]  # another seed, another split of the documents
+
+
+def test_worker_shards_disjoint_cover_all_and_skip_consumed(ray_session, nasty_run, tmp_path):
+    """Two Ray Train workers read the train split through get_dataset_shard."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llm_dist.data.feed import epoch_batches, split_dataset
+
+    _, stats, _ = nasty_run
+    all_ids = set(windows(stats["prepared"], "train"))
+    consumed = sorted(all_ids)[::3]
+    out = tmp_path / "seen"
+    out.mkdir()
+
+    def loop(config):
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        ids = [int(i) for b in epoch_batches(shard, 1, seed=0, epoch=0) for i in b["id"]]
+        rank = ray.train.get_context().get_world_rank()
+        Path(config["out"], f"{rank}.json").write_text(json.dumps(ids))
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2),
+        datasets={"train": split_dataset(stats["prepared"], "train", exclude_ids=consumed)},
+        run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="feed"),
+    )
+    trainer.fit()
+    seen = [set(json.loads((out / f"{r}.json").read_text())) for r in (0, 1)]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    left = all_ids - set(consumed)
+    union = seen[0] | seen[1]
+    assert not union & set(consumed)
+    assert union <= left and len(left - union) <= 1  # equal shares may hold back one row
