@@ -8,9 +8,17 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A real local Ray, started once (a start costs ~6 s on two cores)."""
+def ray_session(s3_server):
+    """A real local Ray, started once (a start costs ~6 s on two cores).
+
+    Its workers inherit the environment at start, so the loopback S3 endpoint and dummy keys
+    are set first, as a user's credentials would be.
+    """
+    import os
+
     import ray
+
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=s3_server)
 
     # 4 logical CPUs on 2 cores: 2 training workers hold 2, and Ray Data still needs
     # CPU slots to read their shards or the split waits forever.
@@ -56,3 +64,37 @@ def write_nasty(folder: Path) -> None:
     (folder / "more.jsonl.gz").write_bytes(gzip.compress(("\n".join(gz) + "\n").encode()))
     (folder / "notes.txt").write_text("\n\n".join(GOOD[40:50]) + "\n")
     pq.write_table(pa.table({"text": GOOD[50:60]}), folder / "table.parquet")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible endpoint on loopback (moto in server mode); yields its URL."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start within 30 s")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}  # fmt: skip
