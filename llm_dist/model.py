@@ -72,3 +72,47 @@ class ModelConfig(Section):
             except (OSError, ValueError):
                 return None
         return {**base, **self.overrides}
+
+
+def build(cfg: ModelConfig, tokenizer):
+    """A causal LM for `tokenizer`: random weights from a preset or config, or a local folder's.
+
+    Plain transformers: nothing here knows about Ray or DeepSpeed.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from llm_dist.base import UserError
+
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    if cfg.path is not None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path: cannot load a model from {cfg.path!r}: {e}") from None
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise UserError(
+                f"model.path: {cfg.path!r} has {model.get_input_embeddings().num_embeddings} "
+                f"token embeddings but the tokenizer has {len(tokenizer)} tokens; use that "
+                "model's own tokenizer as data.tokenizer.path"
+            )
+        return model
+    if cfg.config is not None:
+        try:
+            config = AutoConfig.from_pretrained(cfg.config, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.config: cannot read {cfg.config!r}: {e}") from None
+        config.update({**cfg.overrides, **special, "attention_dropout": cfg.dropout})
+    else:
+        config = LlamaConfig(**{**PRESETS[cfg.preset], **cfg.overrides, **special},
+                             attention_dropout=cfg.dropout)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config)
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6N + 12·L·d·T (N: parameters outside the input embedding)."""
+    config = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    if config.tie_word_embeddings:  # the tied output projection still costs its matmul
+        n += model.get_input_embeddings().weight.numel()
+    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
