@@ -227,3 +227,22 @@ def test_object_storage_sources_and_output(ray_session, s3_server, tmp_path):
     for split in SPLITS:  # the same windows as reading the same files locally
         remote = pq.read_table(f"{stats['prepared']}/{split}")["tokens"].to_pylist()
         assert remote == pq.read_table(f"{local['prepared']}/{split}")["tokens"].to_pylist()
+
+
+def test_dedup_keeps_the_first_copy_with_a_given_tokenizer(ray_session, nasty_run, tmp_path):
+    _, first, _ = nasty_run
+    src = tmp_path / "dups.jsonl"
+    texts = [f"unique document {i} " * 4 for i in range(30)]
+    texts += [*texts[:5], "unique document 3 " * 4]  # 6 copies of earlier documents
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    spec = spec_for(
+        tmp_path / "runs", [str(src)], dedup=True, tokenizer={"path": first["tokenizer"]}
+    )
+    stats = prepare(spec)
+    assert stats["dropped"] == {"duplicate": 6}
+    assert stats["documents"] == 30
+    assert stats["vocab_size"] == first["vocab_size"]  # the given tokenizer, not a new one
+    undeduped = prepare(
+        spec_for(tmp_path / "runs", [str(src)], tokenizer={"path": first["tokenizer"]})
+    )
+    assert undeduped["documents"] == 36 and "duplicate" not in undeduped["dropped"]

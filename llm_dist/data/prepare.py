@@ -59,11 +59,12 @@ def prepare(spec) -> dict:
         records = records.materialize()
         hashes, keys = _index(records)
         drop = _duplicates(hashes, keys) if cfg.dedup else drop
-        tokenizer = _train_tokenizer(cfg, records, hashes, keys, drop)
-    else:
+    if cfg.tokenizer.path:
         from llm_dist.data.tokenizer import load
 
         tokenizer = load(cfg.tokenizer.path)
+    else:
+        tokenizer = _train_tokenizer(cfg, records, hashes, keys, drop)
     _copy_in(tokenizer.save_pretrained, f"{root}/tokenizer")
     packed = records.map_batches(
         pack.pack_batch,
@@ -130,8 +131,6 @@ def _train_tokenizer(cfg, records, hashes, keys, drop):
     """A BPE trained on the `train_sample_docs` training documents with the smallest seeded draw."""
     from llm_dist.data import tokenizer
 
-    if cfg.tokenizer.path:
-        return tokenizer.load(cfg.tokenizer.path)
     keep = np.array([k not in drop for k in keys], bool)
     train = (corpus.split_of(hashes, cfg.seed, cfg.val_fraction, cfg.test_fraction) == 0) & keep
     draws = np.sort(corpus.uniform(hashes[train], cfg.seed + 1))
