@@ -69,6 +69,15 @@ def pack_batch(batch, tokenizer_json: str, eos_id: int, cfg, drop: frozenset = f
     })  # fmt: skip
 
 
+def clear_windows(root: str) -> None:
+    """Delete every split's shards under `root` (the tokenizer and quarantine stay)."""
+    from llm_dist.manifest import filesystem
+
+    filesys, path = filesystem(root)
+    for split in SPLITS:
+        filesys.delete_dir_contents(f"{path}/{split}", missing_dir_ok=True)
+
+
 def write(packed, cfg, root: str) -> dict:
     """Consume pack_batch's rows: Parquet shards per split, the quarantine, and the counts."""
     import pyarrow as pa
@@ -78,9 +87,8 @@ def write(packed, cfg, root: str) -> dict:
     from llm_dist.manifest import filesystem
 
     width = cfg.seq_len + 1
+    clear_windows(root)  # a crashed earlier attempt may have left shards behind
     filesys, path = filesystem(root)
-    for split in SPLITS:  # a crashed earlier attempt may have left shards behind
-        filesys.delete_dir_contents(f"{path}/{split}", missing_dir_ok=True)
     filesys.create_dir(path, recursive=True)
     schema = pa.schema([("id", pa.int64()), ("tokens", pa.list_(pa.int32(), width))])
     rows_per_shard = max(1, SHARD_BYTES // (4 * width))

@@ -77,15 +77,12 @@ def prepare(spec) -> dict:
     documents = sum(written["docs"].values())
     total = documents + sum(reasons.values())
     bad = {r: reasons[r] for r in corpus.BAD if r in reasons}
-    if total and sum(bad.values()) / total > cfg.max_bad_fraction:
-        from llm_dist.manifest import filesystem
-
-        filesys, path = filesystem(root)
-        for split in pack.SPLITS:  # keep the quarantine, drop the windows: nothing half-made stays
-            filesys.delete_dir_contents(f"{path}/{split}", missing_dir_ok=True)
+    n_bad = sum(bad.values())
+    if total and n_bad / total > cfg.max_bad_fraction:
+        pack.clear_windows(root)  # keep the quarantine, drop the windows: nothing half-made stays
         raise UserError(
-            f"data: {sum(bad.values())} of {total} records are bad "
-            f"({sum(bad.values()) / total:.2%} > data.max_bad_fraction {cfg.max_bad_fraction}): "
+            f"data: {n_bad} of {total} records are bad "
+            f"({n_bad / total:.2%} > data.max_bad_fraction {cfg.max_bad_fraction}): "
             f"{', '.join(f'{k} {v}' for k, v in bad.items())}; every one is listed in "
             f"{root}/quarantine.jsonl. Fix the corpus or raise data.max_bad_fraction"
         )
