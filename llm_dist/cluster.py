@@ -1,5 +1,7 @@
 """The `cluster:` section and connecting to Ray: an embedded local instance or the named cluster."""
 
+import math
+import os
 from typing import Literal
 
 from pydantic import Field
@@ -35,8 +37,24 @@ def connect(spec) -> None:
 
     if ray.is_initialized():
         return
+    num_cpus = None
+    if spec.cluster.address is None:
+        # Logical CPUs, not cores: Ray Data needs free slots to read the training workers'
+        # shards, or it waits forever behind workers that hold every CPU.
+        held = spec.pretrain.num_workers * spec.cluster.cpus_per_worker
+        num_cpus = max(os.cpu_count() or 1, math.ceil(held) + 2)
     ray.init(
         address=spec.cluster.address,
+        num_cpus=num_cpus,
         runtime_env={"env_vars": spec.cluster.env} if spec.cluster.env else None,
         log_to_driver=True,
     )
+
+
+def use_gpu(spec) -> bool:
+    """Whether training workers get GPUs: `cluster.use_gpu`, with auto meaning the cluster has some."""
+    import ray
+
+    if spec.cluster.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return spec.cluster.use_gpu

@@ -34,6 +34,21 @@ def filesystem(uri: str):
     return fs.FileSystem.from_uri(uri)
 
 
+def save_into(save, uri: str) -> None:
+    """Run `save(folder)` straight into a local `uri`, or via a temporary folder to object storage."""
+    if "://" not in uri:
+        save(uri)
+        return
+    import tempfile
+
+    from pyarrow import fs
+
+    filesys, path = filesystem(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(tmp)
+        fs.copy_files(tmp, path, destination_filesystem=filesys)
+
+
 def read_manifest(run: str) -> dict[str, Any] | None:
     """The run's manifest, or None when the run has not started yet."""
     return read_json(run, "manifest.json")

@@ -111,8 +111,12 @@ def build(cfg: ModelConfig, tokenizer):
 
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12·L·d·T (N: parameters outside the input embedding)."""
-    config = model.config
-    n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+    def numel(p) -> int:  # a ZeRO-3 shard knows its whole size as `ds_numel`
+        return getattr(p, "ds_numel", p.numel())
+
+    config, embedding = model.config, numel(model.get_input_embeddings().weight)
+    n = sum(numel(p) for p in model.parameters()) - embedding
     if config.tie_word_embeddings:  # the tied output projection still costs its matmul
-        n += model.get_input_embeddings().weight.numel()
+        n += embedding
     return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len

@@ -14,6 +14,10 @@ def run_stage(spec, stage: str, run: str) -> dict:
         from llm_dist.data.prepare import run_stage as data_stage
 
         return data_stage(spec, run)
+    if stage == "pretrain":
+        from llm_dist.train.run import run_stage as pretrain_stage
+
+        return pretrain_stage(spec, run)
     raise StageNotBuilt(
         f"the {stage} stage is not built yet in this version of llm-dist; "
         f"the run stopped before it (outputs so far are in {run})"

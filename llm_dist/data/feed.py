@@ -35,10 +35,77 @@ def split_dataset(prepared: str, split: str, exclude_ids: Iterable[int] = (), se
 def epoch_batches(
     shard, batch_size: int, seed: int, epoch: int, buffer: int = 4096
 ) -> Iterator[dict]:
-    """A worker's batches for one epoch, shuffled from (seed, epoch): `id` (B,), `tokens` (B, T+1)."""
+    """A worker's batches for one epoch, shuffled from (seed, epoch): `id` (B,), `tokens` (B, T+1).
+
+    The last batch may be short: the epoch's tail is trained on, not dropped.
+    """
     return shard.iter_torch_batches(
         batch_size=batch_size,
         local_shuffle_buffer_size=buffer,
         local_shuffle_seed=seed * 100_003 + epoch,
-        drop_last=True,  # every rank takes the same number of steps
+        drop_last=False,
     )
+
+
+def worker_shard(prepared: str, split: str, rank: int, world: int, seed: int, exclude_ids=()):
+    """This Ray Train worker's part of a split, built inside the workers (all of them call it).
+
+    Built here rather than passed to the trainer because what is left of an epoch is known only
+    once the workers have loaded a checkpoint. Rank 0 makes the split; the others receive their
+    iterators from it. Small blocks, unequal shares: no row is held back to even them out.
+    """
+    import torch.distributed as dist
+
+    shards = [None] * world
+    if rank == 0:
+        ds = split_dataset(prepared, split, exclude_ids, seed)
+        shards = ds.repartition(target_num_rows_per_block=64).streaming_split(world, equal=False)
+    dist.broadcast_object_list(shards, src=0)
+    return shards[rank]
+
+
+def head_batches(prepared: str, split: str, rows: int, batch_size: int, rank: int, world: int):
+    """The same first `rows` windows of a split on every run, this rank's share in batches.
+
+    Every rank gets as many rows as the others (a fixed evaluation set, read without Ray Data).
+    """
+    import pyarrow.dataset as pds
+    import torch
+
+    from llm_dist.manifest import filesystem
+
+    filesys, path = filesystem(f"{prepared}/{split}")
+    table = pds.dataset(path, filesystem=filesys, format="parquet").head(rows)
+    keep = len(table) // world * world
+    ids = table["id"].to_numpy()[:keep][rank::world]
+    width = table.schema.field("tokens").type.list_size
+    tokens = table["tokens"].combine_chunks().flatten().to_numpy()
+    tokens = tokens[: keep * width].reshape(keep, width)[rank::world]
+    return [
+        {"id": torch.from_numpy(ids[i : i + batch_size].copy()),
+         "tokens": torch.from_numpy(tokens[i : i + batch_size].astype(np.int64))}
+        for i in range(0, len(ids), batch_size)
+    ]  # fmt: skip
+
+
+def write_ledger(rows: np.ndarray, folder: str, epoch: int) -> None:
+    """Every rank's (step, id) rows of an epoch, gathered into `<folder>/epoch-<n>.npy` by rank 0.
+
+    The record of which optimizer step trained on which sequence: each id appears once per
+    epoch, across restarts too.
+    """
+    import io
+
+    import torch.distributed as dist
+
+    everyone = [None] * dist.get_world_size()
+    dist.gather_object(rows, everyone if dist.get_rank() == 0 else None, dst=0)
+    if dist.get_rank() == 0:
+        from llm_dist.manifest import filesystem
+
+        filesys, path = filesystem(folder)
+        filesys.create_dir(path, recursive=True)
+        buffer = io.BytesIO()
+        np.save(buffer, np.concatenate(everyone).reshape(-1, 2))
+        with filesys.open_output_stream(f"{path}/epoch-{epoch:04d}.npy") as f:
+            f.write(buffer.getvalue())

@@ -17,7 +17,7 @@ import numpy as np
 from llm_dist.base import UserError
 from llm_dist.data import corpus
 from llm_dist.data.pack import SPLITS
-from llm_dist.manifest import filesystem, read_json, storage_uri, write_json
+from llm_dist.manifest import filesystem, read_json, save_into, storage_uri, write_json
 
 
 def fingerprint(cfg, files: list[tuple[str, int, int]]) -> str:
@@ -65,7 +65,7 @@ def prepare(spec) -> dict:
         tokenizer = load(cfg.tokenizer.path)
     else:
         tokenizer = _train_tokenizer(cfg, records, hashes, keys, drop)
-    _copy_in(tokenizer.save_pretrained, f"{root}/tokenizer")
+    save_into(tokenizer.save_pretrained, f"{root}/tokenizer")
     packed = records.map_batches(
         pack.pack_batch,
         fn_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
@@ -191,18 +191,3 @@ def _report(stats: dict) -> None:
         f"dropped: {dropped}; {stats['tokens_per_s']:,} tokens/s over {stats['seconds']} s; "
         f"prepared data: {stats['prepared']}"
     )
-
-
-def _copy_in(save, uri: str) -> None:
-    """Run `save(folder)` straight into a local `uri`, or via a temporary folder to object storage."""
-    if "://" not in uri:
-        save(uri)
-        return
-    import tempfile
-
-    from pyarrow import fs
-
-    filesys, path = filesystem(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        save(tmp)
-        fs.copy_files(tmp, path, destination_filesystem=filesys)

@@ -54,8 +54,10 @@ def lr_lambda(p):
 
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: biases, norms and other vectors are not decayed."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    # ZeRO-3 parameters are flat shards: their real shape is `ds_shape`
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    rest = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 

@@ -1,0 +1,159 @@
+"""Checkpoints that count only when whole: every rank's DeepSpeed shard, then a manifest, last.
+
+A checkpoint is `<run>/pretrain/checkpoints/step-<step>-<time>/`:
+
+    state/...            DeepSpeed's files from every rank (model, optimizer shards, scheduler)
+    worker-<rank>.pt     that rank's RNG states and the sequences it consumed this epoch
+    checkpoint.json      written by rank 0 after every rank's upload finished: step, epoch,
+                         world size, and the size and sha256 of every file above
+
+Ray Train uploads each rank's files (`ray.train.report(checkpoint=...)`) into one folder and
+keeps the last N. Loading walks the checkpoints newest first and takes the first whose
+manifest is there and whose files all match it, logging why it passed over any other.
+"""
+
+import hashlib
+import logging
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+
+from llm_dist.manifest import filesystem, read_json, write_json
+
+log = logging.getLogger("llm_dist.checkpoint")
+
+
+def save(engine, state: dict, ledger: np.ndarray, root: str, metrics: dict) -> str:
+    """Every rank: write its shard, report it to Ray Train, then rank 0 commits the manifest.
+
+    `state` is the loop's progress (step, epoch, ...); `ledger` this rank's (step, id) rows
+    of the current epoch. Returns the checkpoint's folder.
+    """
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dir_name = [f"step-{state['step']:08d}-{int(time.time())}"]
+    dist.broadcast_object_list(dir_name, src=0)  # one folder for every rank's files
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="state")
+        torch.save({"rng": _rng_states(), "ledger": ledger}, f"{tmp}/worker-{rank}.pt")
+        files = {}
+        for parent, _, names in os.walk(tmp):
+            for path in (os.path.join(parent, name) for name in names):
+                with open(path, "rb") as f:
+                    files[os.path.relpath(path, tmp)] = _digest(f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=dir_name[0])  # fmt: skip
+    everyone = [None] * world
+    dist.all_gather_object(everyone, files)  # also a barrier: every rank's upload is done
+    folder = f"{root}/{dir_name[0]}"
+    if rank == 0:
+        merged = {k: v for per_rank in everyone for k, v in per_rank.items()}
+        write_json(folder, "checkpoint.json", {**state, "world_size": world, "files": merged})
+    dist.barrier()
+    return folder
+
+
+def committed(root: str) -> list[tuple[str, dict]]:
+    """The checkpoints that have a manifest, newest first: (folder, manifest). Files unchecked."""
+    from pyarrow import fs
+
+    filesys, path = filesystem(root)
+    if filesys.get_file_info(path).type == fs.FileType.NotFound:
+        return []
+    found = []
+    for info in filesys.get_file_info(fs.FileSelector(path)):
+        if info.type == fs.FileType.Directory and info.base_name.startswith("step-"):
+            folder = f"{root}/{info.base_name}"
+            meta = read_json(folder, "checkpoint.json")
+            if meta is None:
+                log.warning("checkpoint %s has no checkpoint.json: not whole, passed over", folder)
+            else:
+                found.append((folder, meta))
+    return sorted(found, key=lambda f: f[0].rsplit("/", 1)[1], reverse=True)
+
+
+def latest_whole(root: str) -> tuple[str, dict] | None:
+    """The newest checkpoint whose files all match its manifest, or None (a fresh start)."""
+    filesys, path = filesystem(root)
+    for folder, meta in committed(root):
+        problem = _check(filesys, f"{path}/{folder.rsplit('/', 1)[1]}", meta["files"])
+        if problem is None:
+            return folder, meta
+        log.warning(
+            "checkpoint %s is not whole (%s); falling back to the previous one", folder, problem
+        )
+    return None
+
+
+def load(engine, folder: str) -> tuple[np.ndarray, np.ndarray]:
+    """Restore this rank's engine (model, optimizer, scheduler) and RNG from a whole checkpoint.
+
+    Returns the (step, id) ledger rows of the epoch in progress: this rank's, and every rank's
+    (the sequences already consumed).
+    """
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    with ray.train.Checkpoint(folder).as_directory() as local:  # downloads from object storage
+        engine.load_checkpoint(local, tag="state", load_optimizer_states=True,
+                               load_lr_scheduler_states=True)  # fmt: skip
+        workers = [
+            torch.load(f"{local}/worker-{r}.pt", weights_only=False)
+            for r in range(dist.get_world_size())
+        ]
+    mine = workers[dist.get_rank()]
+    _set_rng_states(mine["rng"])
+    return mine["ledger"].reshape(-1, 2), np.concatenate([w["ledger"] for w in workers]).reshape(
+        -1, 2
+    )
+
+
+def _check(filesys, path: str, files: dict) -> str | None:
+    """Why the checkpoint at `path` does not match its manifest, or None when it does."""
+    from pyarrow import fs
+
+    for rel, (size, sha) in sorted(files.items()):
+        info = filesys.get_file_info(f"{path}/{rel}")
+        if info.type == fs.FileType.NotFound:
+            return f"{rel} is missing"
+        if info.size != size:
+            return f"{rel} has {info.size} bytes, the manifest says {size}"
+        with filesys.open_input_stream(f"{path}/{rel}") as f:
+            if _digest(f)[1] != sha:
+                return f"{rel} does not match its sha256"
+    return None
+
+
+def _digest(f) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    while chunk := f.read(1 << 24):
+        h.update(chunk)
+        size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _rng_states() -> dict:
+    import torch
+
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+              "python": random.getstate()}  # fmt: skip
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])

@@ -1,0 +1,155 @@
+"""The pretrain stage on the driver: a Ray Train TorchTrainer over the worker loop, a live display.
+
+What the workers produce lands in `<run>/pretrain/`: checkpoints/, export/, metrics.jsonl,
+tensorboard/, ledger/ and result.json (read back here for the manifest).
+"""
+
+import os
+import threading
+
+from llm_dist.base import UserError
+from llm_dist.manifest import read_json
+
+
+def run_stage(spec, run: str) -> dict:
+    """Pretrain (or resume pretraining) the spec's model; returns the outputs for the manifest."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from llm_dist.cluster import connect, use_gpu
+    from llm_dist.data.prepare import prepare
+    from llm_dist.train.checkpoint import committed
+    from llm_dist.train.loop import train_loop
+
+    p = spec.pretrain
+    done = read_json(f"{run}/pretrain", "result.json")
+    if done is not None and done["step"] >= p.max_steps:
+        _report(done, reused=True)
+        return done
+    data = prepare(spec)  # the data stage's output, or made now when missing
+    for split, least in (("train", p.num_workers), ("val", p.num_workers), ("test", 1)):
+        if data["sequences"][split] < least:
+            fix = "lower data.seq_len" if split == "train" else f"raise data.{split}_fraction"
+            raise UserError(
+                f"data: the {split} split has {data['sequences'][split]} sequences of "
+                f"{spec.data.seq_len + 1} tokens; pretraining needs at least {least}: add "
+                f"text or {fix}"
+            )
+    for folder, meta in committed(f"{run}/pretrain/checkpoints"):
+        if meta["world_size"] != p.num_workers:
+            raise UserError(
+                f"pretrain.num_workers: the run's checkpoint {folder} was written by "
+                f"{meta['world_size']} workers and this run has {p.num_workers}; DeepSpeed's "
+                f"ZeRO shards resume only on the same number of workers: set "
+                f"pretrain.num_workers: {meta['world_size']}, or start afresh under a new name"
+            )
+    connect(spec)
+    gpu = use_gpu(spec)
+    queue = Queue(actor_options={"num_cpus": 0})
+    resources = {"CPU": spec.cluster.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = spec.cluster.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run": run, "queue": queue,
+                           "prepared": data["prepared"], "nan_at": _injected_nans()},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=p.num_workers, use_gpu=gpu, resources_per_worker=resources,
+            accelerator_type=spec.cluster.accelerator_type if gpu else None,
+            placement_strategy=spec.cluster.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name="checkpoints", storage_path=f"{run}/pretrain",
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.keep_checkpoints),
+        ),
+    )  # fmt: skip
+    outcome: dict = {}
+    fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
+    fit.start()
+    _follow(fit, queue, p.max_steps)
+    fit.join()
+    if isinstance(outcome["result"], BaseException):
+        raise outcome["result"]
+    result = read_json(f"{run}/pretrain", "result.json")
+    _report(result, reused=False)
+    return result
+
+
+def _fit(trainer):
+    try:
+        return trainer.fit()
+    except BaseException as e:  # handed to the main thread, which raises it
+        return e
+
+
+def _injected_nans() -> dict[int, str]:
+    """`LLM_DIST_INJECT_NAN=5,9+`: a NaN loss at step 5 (once) and at every try of step 9.
+
+    For testing how a run survives bad steps; empty in normal use.
+    """
+    nans = {}
+    for item in filter(None, os.environ.get("LLM_DIST_INJECT_NAN", "").split(",")):
+        nans[int(item.rstrip("+"))] = "always" if item.endswith("+") else "once"
+    return nans
+
+
+def _follow(fit: threading.Thread, queue, total: int) -> None:
+    """The live display: a progress bar, and a line per metrics row or event."""
+    from queue import Empty
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns) as progress:
+        task = progress.add_task("pretrain", total=total, info="starting workers")
+        while fit.is_alive() or not queue.empty():
+            try:
+                row = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            progress.console.print(_line(row))
+            if row["kind"] == "train":
+                info = f"loss {row['loss']:.3f} · {row['tokens_per_s']:,.0f} tok/s · MFU {row['mfu']:.1%}"
+                progress.update(task, completed=row["step"], info=info)
+
+
+def _line(row: dict) -> str:
+    kind, step = row["kind"], row.get("step")
+    if kind == "train":
+        return (f"step {step}/{row['max_steps']}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+                f"grad norm {row['grad_norm'] or 0:.3f}  {row['tokens_per_s']:,.0f} tok/s "
+                f"({row['tokens_per_s_per_worker']:,.0f}/worker)  MFU {row['mfu']:.2%}  "
+                f"data wait {row['data_wait']:.1%}  peak mem {row['peak_memory_gb']:.2f} GB")  # fmt: skip
+    if kind in ("eval", "test"):
+        split = "val" if kind == "eval" else "test"
+        return (
+            f"step {step}  {split} loss {row[f'{split}_loss']:.4f}  ppl {row[f'{split}_ppl']:.2f}"
+        )
+    if row.get("event") == "bad_step":
+        return f"step {step}: NaN/inf loss or gradient, step skipped ({row['in_a_row']} in a row)"
+    return f"{row['event']} at step {step}: {row.get('checkpoint', '')}"
+
+
+def _report(result: dict, reused: bool) -> None:
+    from rich.console import Console
+
+    console = Console()
+    start = result["val_loss_at_start"]
+    console.print(
+        f"pretrain{' (already finished)' if reused else ''}: {result['step']} steps, "
+        f"{result['tokens']:,} tokens, {result['bad_steps']} bad steps skipped; val loss "
+        f"{'' if start is None else f'{start:.3f} -> '}{result['val_loss']:.3f}; test loss "
+        f"{result['test_loss']:.3f} (ppl {result['test_ppl']:.1f}); export: {result['export']}"
+    )
+    for sample in result["samples"]:
+        console.print(f"  [bold]{sample['prompt']!r}[/bold] -> {sample['completion']!r}")

@@ -1,0 +1,238 @@
+"""The pretrain stage on a real local Ray with 2 CPU workers, checked against a plain torch loop."""
+
+import json
+import os
+import signal
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from llm_dist import pipeline
+from llm_dist.base import UserError
+from llm_dist.data.tokenizer import load as load_tokenizer
+from llm_dist.model import build
+from llm_dist.spec import JobSpec
+from llm_dist.train.checkpoint import committed, latest_whole
+from llm_dist.train.deepspeed_config import lr_lambda, param_groups
+
+pytestmark = pytest.mark.slow
+
+MODULES = ["json/decoder.py", "json/encoder.py", "json/__init__.py", "textwrap.py", "string.py",
+           "bisect.py", "heapq.py", "colorsys.py", "fnmatch.py", "shlex.py"]  # fmt: skip
+
+
+def write_corpus(path: Path, modules: list[str]) -> str:
+    """Standard-library sources, one JSONL document per blank-line block: real text, no download."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    blocks = [b for m in modules for b in (lib / m).read_text().split("\n\n") if b.strip()]
+    path.write_text("".join(json.dumps({"text": b}) + "\n" for b in blocks))
+    return str(path)
+
+
+def spec_for(root: Path, corpus: str, model: dict | None = None, **pretrain) -> JobSpec:
+    pretrain = {"num_workers": 2, "zero_stage": 2, "precision": "fp32", "micro_batch_size": 4,
+                "max_steps": 6, "warmup_steps": 2, "lr": 3e-3, "schedule": "constant",
+                "log_every": 1, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3,
+                **pretrain}  # fmt: skip
+    small = {"overrides": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                           "num_key_value_heads": 2, "intermediate_size": 128}}  # fmt: skip
+    return JobSpec(
+        name="p", storage_path=str(root), stages=["data", "pretrain"],
+        data={"sources": [corpus], "seq_len": 64, "val_fraction": 0.1, "test_fraction": 0.1,
+              "tokenizer": {"vocab_size": 512, "train_sample_docs": 1000}},
+        model={"preset": "tiny", **(small if model is None else model)}, pretrain=pretrain,
+    )  # fmt: skip
+
+
+def rows(run: Path, kind: str) -> list[dict]:
+    lines = (run / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def train_windows(run: Path) -> dict[int, np.ndarray]:
+    manifest = json.loads((run / "manifest.json").read_text())
+    table = pq.read_table(Path(manifest["stages"]["data"]["outputs"]["prepared"]) / "train")
+    return dict(zip(table["id"].to_pylist(), table["tokens"].to_numpy(zero_copy_only=False), strict=True))  # fmt: skip
+
+
+def plain_torch_losses(spec: JobSpec, run: Path, steps: int) -> list[float]:
+    """The reference: one process, plain AdamW, the same model seed and each step's sequences."""
+    p = spec.pretrain
+    ledger = np.load(run / "pretrain" / "ledger" / "epoch-0000.npy")
+    windows = train_windows(run)
+    tokenizer = load_tokenizer(str(run / "data" / "tokenizer"))
+    torch.manual_seed(p.seed)
+    model = build(spec.model, tokenizer)
+    opt = torch.optim.AdamW(param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas, eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p))
+    losses = []
+    for step in range(1, steps + 1):
+        batch = torch.from_numpy(np.stack([windows[i] for i in ledger[ledger[:, 0] == step, 1]]))
+        logits = model(input_ids=batch[:, :-1].long()).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), batch[:, 1:].flatten().long()
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        opt.step(), sched.step(), opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "stdlib.jsonl", MODULES)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_session, corpus, tmp_path_factory):
+    """6 steps at ZeRO-2 with a checkpoint every 3, then the same spec resumed up to step 9."""
+    root = tmp_path_factory.mktemp("zero2")
+    pipeline.run(spec_for(root, corpus))
+    first = rows(root / "p", "train")
+    spec = spec_for(root, corpus, max_steps=9)
+    pipeline.run(spec)
+    return spec, root / "p", first
+
+
+def test_zero2_matches_plain_torch_across_a_resume(zero2_run):
+    spec, run, first = zero2_run
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5, 6]
+    losses = {r["step"]: r["loss"] for r in rows(run, "train")}  # the resumed run wrote 7..9
+    assert sorted(losses) == list(range(1, 10))
+    resumed = [r for r in rows(run, "event") if r["event"] == "resumed"]
+    assert [r["step"] for r in resumed] == [6]
+    # model, optimizer, scheduler and data position all came back: the curve goes on unbroken
+    reference = plain_torch_losses(spec, run, 9)
+    assert [losses[s] for s in range(1, 10)] == pytest.approx(reference, rel=1e-4, abs=1e-4)
+    assert losses[9] < losses[1] - 0.5
+
+
+def test_metrics_result_and_manifest(zero2_run):
+    _, run, _ = zero2_run
+    train = rows(run, "train")[-1]
+    for key in ("lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_worker", "mfu",
+                "data_wait", "peak_memory_gb"):  # fmt: skip
+        assert train[key] > 0, key
+    assert train["tokens_per_s"] == pytest.approx(2 * train["tokens_per_s_per_worker"])
+    assert 0 < train["mfu"] < 1 and 0 <= train["data_wait"] < 1
+    assert list((run / "pretrain" / "tensorboard").glob("events.out.tfevents.*"))
+    result = json.loads((run / "pretrain" / "result.json").read_text())
+    assert result["step"] == 9 and result["tokens"] == 9 * 8 * 64
+    assert result["test_loss"] < result["val_loss_at_start"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["pretrain"]["status"] == "succeeded"
+    assert manifest["stages"]["pretrain"]["outputs"]["test_loss"] == result["test_loss"]
+    # keep_checkpoints: 2 of the checkpoints at 3, 6 and 9 remain
+    assert [m["step"] for _, m in committed(str(run / "pretrain" / "checkpoints"))] == [9, 6]
+
+
+def test_export_reloads_offline_and_generates(zero2_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, run, _ = zero2_run
+    export = run / "pretrain" / "export"
+    assert (export / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(export, local_files_only=True)
+    prompt = tokenizer("def ", return_tensors="pt").input_ids
+    out = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    assert out.shape[1] == prompt.shape[1] + 8
+
+
+def test_resume_falls_back_past_a_broken_checkpoint(zero2_run, tmp_path):
+    import shutil
+
+    _, run, _ = zero2_run
+    copy = tmp_path / "p"
+    shutil.copytree(run, copy)
+    root = str(copy / "pretrain" / "checkpoints")
+    newest, previous = [f for f, _ in committed(root)]
+    assert latest_whole(root)[0] == newest
+    shard = next(Path(newest, "state").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a truncated shard
+    assert latest_whole(root)[0] == previous
+    shard.unlink()
+    Path(previous, "checkpoint.json").unlink()  # a missing manifest
+    assert latest_whole(root) is None
+
+
+def test_other_world_size_fails_at_once(zero2_run, corpus):
+    _, run, _ = zero2_run
+    other = spec_for(run.parent, corpus, max_steps=12, num_workers=1)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="written by 2 workers and this run has 1"):
+        pipeline.run(other)
+    assert time.monotonic() - start < 30
+
+
+def test_zero3_trains_and_exports_whole_weights(ray_session, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    spec = spec_for(tmp_path, corpus, zero_stage=3, max_steps=8, log_every=4, eval_every=8,
+                    checkpoint_every=8)  # fmt: skip
+    pipeline.run(spec)
+    run = tmp_path / "p"
+    train = rows(run, "train")
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3
+    result = json.loads((run / "pretrain" / "result.json").read_text())
+    assert result["val_loss"] < result["val_loss_at_start"]
+    model = AutoModelForCausalLM.from_pretrained(run / "pretrain" / "export", local_files_only=True)
+    assert model.model.layers[0].mlp.up_proj.weight.shape == (128, 64)  # not a ZeRO-3 shard
+
+
+def test_nan_steps_are_skipped_counted_and_stop_the_run(ray_session, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_DIST_INJECT_NAN", "2,4")
+    pipeline.run(spec_for(tmp_path / "a", corpus, max_steps=5, eval_every=5, checkpoint_every=5))
+    result = json.loads((tmp_path / "a" / "p" / "pretrain" / "result.json").read_text())
+    assert result["step"] == 5 and result["bad_steps"] == 2
+    bad = [r for r in rows(tmp_path / "a" / "p", "event") if r["event"] == "bad_step"]
+    assert [(r["step"], r["in_a_row"]) for r in bad] == [(2, 1), (4, 1)]
+
+    monkeypatch.setenv("LLM_DIST_INJECT_NAN", "3+")  # step 3 is bad on every try
+    spec = spec_for(tmp_path / "b", corpus, max_steps=5, checkpoint_every=2, max_bad_steps=2,
+                    max_failures=0)  # fmt: skip
+    with pytest.raises(Exception, match="3 steps in a row had a NaN or inf loss"):
+        pipeline.run(spec)
+    root = str(tmp_path / "b" / "p" / "pretrain" / "checkpoints")
+    assert [m["step"] for _, m in committed(root)] == [2]  # nothing after the NaNs was saved
+
+
+def test_killed_worker_restarts_and_consumes_each_id_once(ray_session, tmp_path):
+    import psutil
+
+    corpus = write_corpus(tmp_path / "small.jsonl", MODULES[:5])
+    spec = spec_for(tmp_path, corpus, model={}, max_steps=50, eval_every=50, checkpoint_every=5,
+                    max_failures=2)  # fmt: skip
+    run = tmp_path / "p"
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(folder=pipeline.run(spec)))
+    thread.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run / "pretrain" / "metrics.jsonl").exists() and any(
+            r["step"] >= 12 for r in rows(run, "train")
+        ):
+            break
+        time.sleep(0.1)
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+    assert len(workers) == 2
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert outcome.get("folder") == str(run)
+    resumed = [r for r in rows(run, "event") if r["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 10
+    ids = sorted(train_windows(run))
+    ledger = np.load(run / "pretrain" / "ledger" / "epoch-0000.npy")
+    assert sorted(ledger[:, 1].tolist()) == ids  # every sequence of the epoch once, none twice
+    result = json.loads((run / "pretrain" / "result.json").read_text())
+    assert result["step"] == 50 and result["epoch"] >= 1
+    steps = ledger[:, 0]
+    assert steps.min() == 1 and np.all(np.diff(np.unique(steps)) == 1)
