@@ -47,19 +47,23 @@ def epoch_batches(
     )
 
 
-def worker_shard(prepared: str, split: str, rank: int, world: int, seed: int, exclude_ids=()):
+def worker_shard(
+    prepared: str, split: str, rank: int, world: int, seed: int, block_rows: int, exclude_ids=()
+):
     """This Ray Train worker's part of a split, built inside the workers (all of them call it).
 
     Built here rather than passed to the trainer because what is left of an epoch is known only
     once the workers have loaded a checkpoint. Rank 0 makes the split; the others receive their
-    iterators from it. Small blocks, unequal shares: no row is held back to even them out.
+    iterators from it. Unequal shares, so no row is held back to even them out; blocks of
+    `block_rows` keep the shares within a few blocks of each other at an epoch's end.
     """
     import torch.distributed as dist
 
     shards = [None] * world
     if rank == 0:
         ds = split_dataset(prepared, split, exclude_ids, seed)
-        shards = ds.repartition(target_num_rows_per_block=64).streaming_split(world, equal=False)
+        ds = ds.repartition(target_num_rows_per_block=block_rows)
+        shards = ds.streaming_split(world, equal=False)
     dist.broadcast_object_list(shards, src=0)
     return shards[rank]
 

@@ -80,7 +80,7 @@ def train_loop(config: dict) -> None:
     started, window, streak = time.perf_counter(), np.zeros(3), 0  # loss sum, tokens, data wait
     while state["step"] < p.max_steps:
         shard = feed.worker_shard(prepared, "train", rank, world, p.seed + state["epoch"],
-                                  exclude_ids=consumed[:, 1])  # fmt: skip
+                                  4 * p.micro_batch_size, exclude_ids=consumed[:, 1])  # fmt: skip
         batches = feed.epoch_batches(shard, p.micro_batch_size, p.seed, state["epoch"])
         for tokens, ids, n, wait in _synced(batches, T, device):
             step = state["step"] + 1
@@ -143,7 +143,7 @@ def train_loop(config: dict) -> None:
     feed.write_ledger(np.concatenate(ledger), f"{run}/pretrain/ledger", state["epoch"])
 
     # ---- the end: the test split once, the HF export, samples
-    test = feed.worker_shard(prepared, "test", rank, world, p.seed, exclude_ids=())
+    test = feed.worker_shard(prepared, "test", rank, world, p.seed, 4 * p.micro_batch_size)
     test_loss = _evaluate(engine, test.iter_torch_batches(batch_size=p.micro_batch_size), T, device)  # fmt: skip
     val_loss = _evaluate(engine, val, T, device)
     samples = []

@@ -117,7 +117,7 @@ def _follow(fit: threading.Thread, queue, total: int) -> None:
                 row = queue.get(timeout=0.5)
             except Empty:
                 continue
-            progress.console.print(_line(row))
+            progress.console.print(_line(row), soft_wrap=True)  # one line each in logs too
             if row["kind"] == "train":
                 info = f"loss {row['loss']:.3f} · {row['tokens_per_s']:,.0f} tok/s · MFU {row['mfu']:.1%}"
                 progress.update(task, completed=row["step"], info=info)

@@ -31,8 +31,9 @@ def model():
     return build(ModelConfig(preset="tiny", overrides={"num_hidden_layers": 2}), tok)
 
 
-def loss_of(m, batch):
-    return m(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss  # labels already shifted
+def loss_of(m, batch):  # batch (B, T+1): inputs [:, :-1], next-token targets [:, 1:]
+    logits = m(input_ids=batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
 
 
 # plain torch
