@@ -1,4 +1,4 @@
-"""Feeding prepared windows to Ray Train workers: a streamed split, minus already-consumed ids."""
+"""Feeding prepared windows to Ray Train workers: streamed shards minus consumed ids, eval sets, ledgers."""
 
 from collections.abc import Iterable, Iterator
 
@@ -6,7 +6,7 @@ import numpy as np
 
 
 def split_dataset(prepared: str, split: str, exclude_ids: Iterable[int] = (), seed: int = 0):
-    """The split's windows (`id`, `tokens` of seq_len + 1) as a Ray Dataset for `datasets=`.
+    """The split's windows (`id`, `tokens` of seq_len + 1) as a Ray Dataset.
 
     Files and blocks come in a seeded random order; `exclude_ids` (sequences a checkpoint
     recorded as consumed) are left out, which is how a resumed run skips nothing and repeats
