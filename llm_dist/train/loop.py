@@ -67,6 +67,7 @@ def train_loop(config: dict) -> None:
     state = {"step": 0, "epoch": 0, "tokens": 0, "bad_steps": 0, "val_loss_at_start": None}
     ledger = [np.zeros((0, 2), np.int64)]  # this rank's (step, id) rows of the epoch in progress
     consumed = np.zeros((0, 2), np.int64)  # every rank's rows, up to the checkpoint resumed
+    val_loss = None  # the latest validation loss
     if found[0] is not None:
         folder, meta = found[0]
         ledger[0], consumed = checkpoint.load(engine, folder)
@@ -145,7 +146,8 @@ def train_loop(config: dict) -> None:
     # ---- the end: the test split once, the HF export, samples
     test = feed.worker_shard(prepared, "test", rank, world, p.seed, 4 * p.micro_batch_size)
     test_loss = _evaluate(engine, test.iter_torch_batches(batch_size=p.micro_batch_size), T, device)  # fmt: skip
-    val_loss = _evaluate(engine, val, T, device)
+    if val_loss is None:  # resumed at max_steps: nothing was evaluated in this attempt
+        val_loss = _evaluate(engine, val, T, device)
     samples = []
     # ZeRO-3: gathers the whole weights on every rank for the save; otherwise a no-op
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
