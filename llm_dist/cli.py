@@ -98,7 +98,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from llm_dist import pipeline
 
     stages = {"run": None, "data": ["data"]}.get(args.verb, [args.verb])
-    folder = pipeline.run(spec, stages)
+    folder = pipeline.run(spec, stages, resume=getattr(args, "resume", False))
     print(f"run folder: {folder}")
     return 0
 

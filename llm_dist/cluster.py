@@ -41,7 +41,9 @@ def connect(spec) -> None:
     if spec.cluster.address is None:
         # Logical CPUs, not cores: Ray Data needs free slots to read the training workers'
         # shards, or it waits forever behind workers that hold every CPU.
-        held = spec.pretrain.num_workers * spec.cluster.cpus_per_worker
+        trials = spec.tune.max_concurrent_trials or 1
+        held = max(spec.pretrain.num_workers, trials * spec.tune.num_workers)
+        held *= spec.cluster.cpus_per_worker
         num_cpus = max(os.cpu_count() or 1, math.ceil(held) + 2)
     ray.init(
         address=spec.cluster.address,

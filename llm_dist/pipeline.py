@@ -8,8 +8,11 @@ class StageNotBuilt(UserError):
     """A stage this version of llm-dist does not implement yet."""
 
 
-def run_stage(spec, stage: str, run: str) -> dict:
-    """Run one stage of `spec` in the run folder `run`; returns its outputs for the manifest."""
+def run_stage(spec, stage: str, run: str, resume: bool = False) -> dict:
+    """Run one stage of `spec` in the run folder `run`; returns its outputs for the manifest.
+
+    `resume` continues an interrupted tune sweep.
+    """
     if stage == "data":
         from llm_dist.data.prepare import run_stage as data_stage
 
@@ -18,19 +21,23 @@ def run_stage(spec, stage: str, run: str) -> dict:
         from llm_dist.train.run import run_stage as pretrain_stage
 
         return pretrain_stage(spec, run)
+    if stage == "tune":
+        from llm_dist.tune.run import run_stage as tune_stage
+
+        return tune_stage(spec, run, resume)
     raise StageNotBuilt(
         f"the {stage} stage is not built yet in this version of llm-dist; "
         f"the run stopped before it (outputs so far are in {run})"
     )
 
 
-def run(spec, stages: list[str] | None = None) -> str:
+def run(spec, stages: list[str] | None = None, resume: bool = False) -> str:
     """Run `stages` (default: the spec's own list); returns the run folder."""
     folder = start_run(spec)
     for stage in stages or spec.stages:
         update_stage(folder, stage, "running")
         try:
-            outputs = run_stage(spec, stage, folder)
+            outputs = run_stage(spec, stage, folder, resume)
         except StageNotBuilt:
             update_stage(folder, stage, "not_built")
             raise

@@ -16,7 +16,7 @@ from llm_dist.data.config import DataConfig
 from llm_dist.model import ModelConfig
 from llm_dist.serve import ServeConfig
 from llm_dist.train.config import PretrainConfig
-from llm_dist.tune import TuneConfig
+from llm_dist.tune.config import TuneConfig
 
 STAGES = ("data", "pretrain", "tune", "serve")
 

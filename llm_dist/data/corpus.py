@@ -26,8 +26,11 @@ def format_of(path: str) -> str | None:
     return next((f for ext, f in FORMATS.items() if path.endswith(ext)), None)
 
 
-def expand_sources(sources: list[str]) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every corpus file the sources name, sorted and deduplicated."""
+def expand_sources(sources: list[str], field: str = "data.sources") -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every corpus file the sources name, sorted and deduplicated.
+
+    `field` is the spec field the sources came from, named in errors.
+    """
     from pyarrow import fs
 
     from llm_dist.manifest import filesystem
@@ -54,11 +57,11 @@ def expand_sources(sources: list[str]) -> list[tuple[str, int, int]]:
             and not any(part.startswith((".", "_")) for part in f.path[len(base) :].split("/"))
         ]
         if not matched:
-            raise UserError(f"data.sources.{i}: {source!r} matched no corpus files")
+            raise UserError(f"{field}.{i}: {source!r} matched no corpus files")
         for f in matched:
             if format_of(f.path) is None:
                 raise UserError(
-                    f"data.sources.{i}: {scheme}{f.path} is not .jsonl, .jsonl.gz, .parquet or .txt"
+                    f"{field}.{i}: {scheme}{f.path} is not .jsonl, .jsonl.gz, .parquet or .txt"
                 )
             found[scheme + f.path] = (scheme + f.path, f.size, f.mtime_ns or 0)
     return sorted(found.values())

@@ -72,6 +72,7 @@ def head_batches(prepared: str, split: str, rows: int, batch_size: int, rank: in
     """The same first `rows` windows of a split on every run, this rank's share in batches.
 
     Every rank gets as many rows as the others (a fixed evaluation set, read without Ray Data).
+    A split with a target `mask` (fine-tuning tasks) keeps it beside the tokens.
     """
     import pyarrow.dataset as pds
     import torch
@@ -83,11 +84,15 @@ def head_batches(prepared: str, split: str, rows: int, batch_size: int, rank: in
     keep = len(table) // world * world
     ids = table["id"].to_numpy()[:keep][rank::world]
     width = table.schema.field("tokens").type.list_size
-    tokens = table["tokens"].combine_chunks().flatten().to_numpy()
-    tokens = tokens[: keep * width].reshape(keep, width)[rank::world]
+    columns = {"tokens": np.int64, "mask": np.int8}
+    mine = {
+        name: table[name].combine_chunks().flatten().to_numpy()[: keep * width]
+        .reshape(keep, width)[rank::world].astype(dtype)
+        for name, dtype in columns.items() if name in table.column_names
+    }  # fmt: skip
     return [
         {"id": torch.from_numpy(ids[i : i + batch_size].copy()),
-         "tokens": torch.from_numpy(tokens[i : i + batch_size].astype(np.int64))}
+         **{name: torch.from_numpy(v[i : i + batch_size]) for name, v in mine.items()}}
         for i in range(0, len(ids), batch_size)
     ]  # fmt: skip
 

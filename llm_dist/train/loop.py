@@ -4,6 +4,11 @@ Top to bottom: set up (model, engine, resume), then per micro batch: forward, a 
 backward, step; per optimizer step: metrics, evaluation and checkpoints every N steps; at the
 end the test split, the HF export and a few sample generations.
 
+Pretraining and every fine-tuning trial run this same loop. A trial differs only in its
+config: the model is the base folder (`spec.model.path`), `method` wraps it (LoRA adapters or
+frozen layers), windows carry a `mask` of the tokens that are targets (an SFT response), and
+the test split is left alone (only the sweep's winner is ever scored on it).
+
 Every rank consumes the same number of micro batches (`_synced`), so collectives never hang
 and an epoch's tail is not dropped: a rank that is out of data joins with a weightless row.
 The loss is a sum over target tokens divided by the step's global token count, so each step is
@@ -36,7 +41,7 @@ def train_loop(config: dict) -> None:
 
     # ---- setup: plain values first, then the model and its engine
     spec = JobSpec.model_validate(config["spec"])
-    p, run, prepared, T = spec.pretrain, config["run"], config["prepared"], spec.data.seq_len
+    p, out, prepared, T = spec.pretrain, config["out"], config["prepared"], spec.data.seq_len
     nan_at = dict(config["nan_at"])  # injected NaN losses, to test recovery: {step: once|always}
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
@@ -49,6 +54,10 @@ def train_loop(config: dict) -> None:
     # Alive while the model is built: transformers then creates it straight into ZeRO-3 shards.
     zero3 = HfDeepSpeedConfig(ds_config) if p.zero_stage == 3 else None  # noqa: F841
     model = build(spec.model, tokenizer)
+    if config.get("method"):  # a fine-tuning trial: LoRA adapters or frozen bottom layers
+        from llm_dist.tune.methods import apply_method
+
+        model = apply_method(model, config["method"])
     if p.activation_checkpointing:
         model.gradient_checkpointing_enable()
     engine, *_ = deepspeed.initialize(
@@ -56,12 +65,12 @@ def train_loop(config: dict) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p)),
     )  # fmt: skip
     flops, (peak, peak_source) = flops_per_token(model, T), peak_flops(device)
-    logs = MetricsLog(run, config["queue"]) if rank == 0 else None
+    logs = MetricsLog(out, config["queue"]) if rank == 0 else None
     val = feed.head_batches(prepared, "val", p.eval_batches * p.micro_batch_size * world,
                             p.micro_batch_size, rank, world)  # fmt: skip
 
     # ---- resume: rank 0 picks the newest whole checkpoint, every rank loads it
-    ckpt_root = f"{run}/pretrain/checkpoints"
+    ckpt_root = f"{out}/checkpoints"
     found = [checkpoint.latest_whole(ckpt_root) if rank == 0 else None]
     dist.broadcast_object_list(found, src=0)
     state = {"step": 0, "epoch": 0, "tokens": 0, "bad_steps": 0, "val_loss_at_start": None}
@@ -78,15 +87,16 @@ def train_loop(config: dict) -> None:
         _write(logs, 0, "eval", {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
 
     # ---- train
-    started, window, streak = time.perf_counter(), np.zeros(3), 0  # loss sum, tokens, data wait
+    # loss sum, target tokens, tokens processed, data wait: since the last metrics row
+    started, window, streak = time.perf_counter(), np.zeros(4), 0
     while state["step"] < p.max_steps:
         shard = feed.worker_shard(prepared, "train", rank, world, p.seed + state["epoch"],
                                   4 * p.micro_batch_size, exclude_ids=consumed[:, 1])  # fmt: skip
         batches = feed.epoch_batches(shard, p.micro_batch_size, p.seed, state["epoch"])
-        for tokens, ids, n, wait in _synced(batches, T, device):
-            step = state["step"] + 1
+        for b in _synced(batches, T, device):
+            step, ids = state["step"] + 1, b["ids"]
             boundary = engine.is_gradient_accumulation_boundary()
-            loss_sum = _loss_sum(engine, tokens) * (len(ids) > 0)
+            loss_sum = loss_sum_of(engine, b["tokens"], b["mask"]) * (len(ids) > 0)
             if rank == 0 and nan_at.get(step) in ("once", "always"):
                 loss_sum = loss_sum * float("nan")
                 nan_at[step] = "done" if nan_at[step] == "once" else "always"
@@ -94,9 +104,9 @@ def train_loop(config: dict) -> None:
             bad = torch.tensor([0.0 if torch.isfinite(loss_sum) else 1.0], device=device)
             dist.all_reduce(bad)  # every rank skips together
             if not bad.item():
-                engine.backward(loss_sum * world / (n * T))  # the step's mean, see the docstring
+                engine.backward(loss_sum * world / b["targets_all"])  # the step's mean, see above
                 engine.step()
-                window += [loss_sum.item(), len(ids) * T, wait]
+                window += [loss_sum.item(), b["targets"], len(ids) * T, b["wait"]]
             if bad.item() or (boundary and not engine.was_step_applied()):  # NaN loss or grads
                 state["bad_steps"], streak = state["bad_steps"] + 1, streak + 1
                 _note(logs, {"event": "bad_step", "step": step, "in_a_row": streak})
@@ -109,7 +119,7 @@ def train_loop(config: dict) -> None:
                 continue
             if not boundary:
                 continue
-            streak, state["step"], state["tokens"] = 0, step, state["tokens"] + n * T
+            streak, state["step"], state["tokens"] = 0, step, state["tokens"] + b["rows_all"] * T
 
             if step % p.log_every == 0 or step == p.max_steps:
                 elapsed = time.perf_counter() - started
@@ -117,61 +127,71 @@ def train_loop(config: dict) -> None:
                 dist.all_reduce(sums)
                 most = torch.tensor([peak_memory(device)], dtype=torch.float64, device=device)
                 dist.all_reduce(most, op=dist.ReduceOp.MAX)
-                loss, tokens_seen, waited, elapsed_sum, peak_sum = sums.tolist()
+                loss, targets, tokens_seen, waited, elapsed_sum, peak_sum = sums.tolist()
                 tok_s = tokens_seen / (elapsed_sum / world)
                 _write(logs, step, "train", {
-                    "loss": loss / tokens_seen, "lr": engine.get_lr()[0],
+                    "loss": loss / max(targets, 1), "lr": engine.get_lr()[0],
                     "grad_norm": _number(engine.get_global_grad_norm()),
                     "tokens_per_s": tok_s, "tokens_per_s_per_worker": tok_s / world,
                     "mfu": flops * tok_s / peak_sum, "data_wait": waited / elapsed_sum,
                     "peak_memory_gb": most.item() / 2**30, "epoch": state["epoch"],
                     "bad_steps": state["bad_steps"], "max_steps": p.max_steps,
                 })  # fmt: skip
-                started, window = time.perf_counter(), np.zeros(3)
+                started, window = time.perf_counter(), np.zeros(4)
             if step % p.eval_every == 0 or step == p.max_steps:
                 val_loss = _evaluate(engine, val, T, device)
                 _write(logs, step, "eval", {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
             if step % p.checkpoint_every == 0 or step == p.max_steps:
-                folder = checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root,
-                                         metrics={"step": step, "tokens": state["tokens"]})  # fmt: skip
+                # the latest validation figures ride along: Ray Tune's schedulers decide on them
+                metrics = {"step": step, "tokens": state["tokens"], "val_loss": val_loss,
+                           "val_perplexity": None if val_loss is None else math.exp(val_loss)}  # fmt: skip
+                folder = checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root, metrics)
                 _note(logs, {"event": "checkpoint", "step": step, "checkpoint": folder})
                 logs and logs.publish()
             if step == p.max_steps:
                 break
         else:  # the epoch ran out before max_steps: record what it consumed, start the next
-            feed.write_ledger(np.concatenate(ledger), f"{run}/pretrain/ledger", state["epoch"])
+            feed.write_ledger(np.concatenate(ledger), f"{out}/ledger", state["epoch"])
             state["epoch"], ledger, consumed = state["epoch"] + 1, [ledger[0][:0]], consumed[:0]
-    feed.write_ledger(np.concatenate(ledger), f"{run}/pretrain/ledger", state["epoch"])
+    feed.write_ledger(np.concatenate(ledger), f"{out}/ledger", state["epoch"])
 
-    # ---- the end: the test split once, the HF export, samples
-    test = feed.worker_shard(prepared, "test", rank, world, p.seed, 4 * p.micro_batch_size)
-    test_loss = _evaluate(engine, test.iter_torch_batches(batch_size=p.micro_batch_size), T, device)  # fmt: skip
+    # ---- the end: the test split once (not in a trial), the HF export, samples
+    test_loss = None
+    if config.get("test", True):
+        test = feed.worker_shard(prepared, "test", rank, world, p.seed, 4 * p.micro_batch_size)
+        test_loss = _evaluate(engine, test.iter_torch_batches(batch_size=p.micro_batch_size), T, device)  # fmt: skip
     if val_loss is None:  # resumed at max_steps: nothing was evaluated in this attempt
         val_loss = _evaluate(engine, val, T, device)
     samples = []
     # ZeRO-3: gathers the whole weights on every rank for the save; otherwise a no-op
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         if rank == 0:
+            samples = _samples(engine.module, tokenizer, val, device)
+            # LoRA adapters are merged into the base weights: the export is a plain model
+            merged = getattr(engine.module, "merge_and_unload", lambda: engine.module)()
 
             def save(folder: str) -> None:
-                engine.module.save_pretrained(folder, safe_serialization=True)
+                merged.save_pretrained(folder, safe_serialization=True)
                 tokenizer.save_pretrained(folder)
 
-            save_into(save, f"{run}/pretrain/export")
-            samples = _samples(engine.module, tokenizer, val, device)
+            save_into(save, f"{out}/export")
     dist.barrier()
     if rank == 0:
-        result = {**state, "val_loss": val_loss, "test_loss": test_loss,
-                  "test_ppl": math.exp(test_loss), "export": f"{run}/pretrain/export",
-                  "samples": samples, "world_size": world, "flops_per_token": flops,
+        result = {**state, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+                  "test_loss": test_loss, "export": f"{out}/export", "samples": samples,
+                  "world_size": world, "flops_per_token": flops,
                   "peak_flops_per_worker": peak, "peak_flops_source": peak_source}  # fmt: skip
-        _write(logs, state["step"], "test", {"test_loss": test_loss, "test_ppl": math.exp(test_loss)})  # fmt: skip
+        if test_loss is not None:
+            result["test_ppl"] = math.exp(test_loss)
+            _write(logs, state["step"], "test", {"test_loss": test_loss, "test_ppl": math.exp(test_loss)})  # fmt: skip
         logs.close()
-        write_json(f"{run}/pretrain", "result.json", result)
+        write_json(out, "result.json", result)
 
 
 def _synced(batches, T: int, device):
-    """(tokens (b, T+1), ids (b,), rows across ranks, seconds waited) until every rank is out.
+    """Batches until every rank is out, each a dict: `tokens` (b, T+1), `mask` (b, T+1) or None,
+    `ids` (b,), `targets` (this rank's target tokens), `rows_all` and `targets_all` (across
+    ranks), `wait` (seconds spent waiting for data).
 
     A rank with no batch left gets one weightless row (no ids) so it still joins the step.
     """
@@ -183,23 +203,38 @@ def _synced(batches, T: int, device):
         start = time.perf_counter()
         batch = next(it, None)
         wait = time.perf_counter() - start
-        n = torch.tensor([0 if batch is None else len(batch["id"])], device=device)
-        dist.all_reduce(n)
-        if n.item() == 0:
-            return
         if batch is None:
-            tokens, ids = torch.zeros(1, T + 1, dtype=torch.long), np.zeros(0, np.int64)
+            tokens, mask, ids = torch.zeros(1, T + 1, dtype=torch.long), None, np.zeros(0, np.int64)
         else:
-            tokens, ids = batch["tokens"], np.asarray(batch["id"], np.int64)
-        yield tokens.to(device, torch.long), ids, int(n.item()), wait
+            tokens, mask, ids = (
+                batch["tokens"],
+                batch.get("mask"),
+                np.asarray(batch["id"], np.int64),
+            )
+        targets = len(ids) * T if mask is None else int(mask[:, 1:].sum()) * (len(ids) > 0)
+        counts = torch.tensor([len(ids), targets], device=device)
+        dist.all_reduce(counts)
+        if counts[0].item() == 0:
+            return
+        yield {"tokens": tokens.to(device, torch.long),
+               "mask": None if mask is None else mask.to(device), "ids": ids,
+               "targets": targets, "rows_all": int(counts[0]), "targets_all": int(counts[1]),
+               "wait": wait}  # fmt: skip
 
 
-def _loss_sum(engine, tokens):
-    """Summed next-token cross-entropy of `tokens` (b, T+1): inputs [:, :-1], targets [:, 1:]."""
+def loss_sum_of(model, tokens, mask=None):
+    """Summed next-token cross-entropy of `tokens` (b, T+1): inputs [:, :-1], targets [:, 1:].
+
+    With a `mask` (b, T+1), only tokens marked 1 count as targets (an SFT response).
+    """
     import torch.nn.functional as F
 
-    logits = engine(input_ids=tokens[:, :-1]).logits  # (b, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="sum")
+    logits = model(input_ids=tokens[:, :-1]).logits  # (b, T, V)
+    targets = tokens[:, 1:]
+    if mask is not None:
+        targets = targets.masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                           reduction="sum")  # fmt: skip
 
 
 def _evaluate(engine, batches, T: int, device) -> float:
@@ -210,25 +245,30 @@ def _evaluate(engine, batches, T: int, device) -> float:
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target tokens
     with torch.no_grad():
-        for tokens, ids, _, _ in _synced(batches, T, device):
-            total[0] += _loss_sum(engine, tokens).item() * (len(ids) > 0)
-            total[1] += len(ids) * T
+        for b in _synced(batches, T, device):
+            total[0] += loss_sum_of(engine, b["tokens"], b["mask"]).item() * (len(b["ids"]) > 0)
+            total[1] += b["targets"]
     dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1]).item()
 
 
 def _samples(model, tokenizer, val, device, prompts: int = 3, new_tokens: int = 32) -> list[dict]:
-    """Greedy continuations of the first 16 tokens of a few validation sequences."""
+    """Greedy continuations of a few validation sequences: of their prompt (the tokens before
+    the masked targets begin) when they have a mask, else of their first 16 tokens."""
     import torch
 
     model.eval()
     out = []
-    for row in val[0]["tokens"][:prompts]:
-        prompt = row[:16].to(device, torch.long)[None]
+    batch = val[0]
+    for i, row in enumerate(batch["tokens"][:prompts]):
+        cut = 16
+        if batch.get("mask") is not None and batch["mask"][i].any():
+            cut = int(batch["mask"][i].nonzero()[0])
+        prompt = row[:cut].to(device, torch.long)[None]
         with torch.no_grad():
             # only rank 0 generates: transformers must not wait for the others under ZeRO-3
-            ids = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
+            ids = model.generate(input_ids=prompt, max_new_tokens=new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, synced_gpus=False)  # fmt: skip
         out.append({"prompt": tokenizer.decode(prompt[0]),
                     "completion": tokenizer.decode(ids[0, prompt.shape[1]:])})  # fmt: skip

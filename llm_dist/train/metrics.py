@@ -44,18 +44,19 @@ def peak_memory(device) -> int:
 
 
 class MetricsLog:
-    """Rank 0's record: `metrics.jsonl` and TensorBoard events in `<run>/pretrain/`, and the
-    driver's live display (a Ray queue). For a run on object storage the files are kept in a
-    local folder and uploaded at each checkpoint and at the end.
+    """Rank 0's record: `metrics.jsonl` and TensorBoard events in `out` (`<run>/pretrain/` or a
+    trial's folder), and the driver's live display (a Ray queue, when there is one). For a run
+    on object storage the files are kept in a local folder and uploaded at each checkpoint and
+    at the end.
     """
 
-    def __init__(self, run: str, queue):
+    def __init__(self, out: str, queue):
         import tempfile
 
         from torch.utils.tensorboard import SummaryWriter
 
-        self.remote = f"{run}/pretrain" if "://" in run else None
-        self.folder = tempfile.mkdtemp() if self.remote else f"{run}/pretrain"
+        self.remote = out if "://" in out else None
+        self.folder = tempfile.mkdtemp() if self.remote else out
         if self.remote:  # carry on the file an earlier attempt uploaded
             from pyarrow import fs
 
@@ -78,13 +79,15 @@ class MetricsLog:
             if isinstance(value, int | float):
                 self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
         self.tensorboard.flush()
-        self.queue.put_nowait(row)
+        if self.queue is not None:
+            self.queue.put_nowait(row)
 
     def note(self, event: dict) -> None:
         """An event (resumed, checkpoint, bad step): to the JSONL file and the display."""
         row = {"kind": "event", "time": time.time(), **event}
         self.jsonl.write(json.dumps(row) + "\n")
-        self.queue.put_nowait(row)
+        if self.queue is not None:
+            self.queue.put_nowait(row)
 
     def publish(self) -> None:
         """Upload the files when the run lives on object storage."""

@@ -13,14 +13,11 @@ from llm_dist.manifest import read_json
 
 def run_stage(spec, run: str) -> dict:
     """Pretrain (or resume pretraining) the spec's model; returns the outputs for the manifest."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from llm_dist.cluster import connect, use_gpu
+    from llm_dist.cluster import connect
     from llm_dist.data.prepare import prepare
     from llm_dist.train.checkpoint import committed
-    from llm_dist.train.loop import train_loop
 
     p = spec.pretrain
     done = read_json(f"{run}/pretrain", "result.json")
@@ -45,27 +42,8 @@ def run_stage(spec, run: str) -> dict:
                 f"pretrain.num_workers: {meta['world_size']}, or start afresh under a new name"
             )
     connect(spec)
-    gpu = use_gpu(spec)
     queue = Queue(actor_options={"num_cpus": 0})
-    resources = {"CPU": spec.cluster.cpus_per_worker}
-    if gpu:
-        resources["GPU"] = spec.cluster.gpus_per_worker
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "run": run, "queue": queue,
-                           "prepared": data["prepared"], "nan_at": _injected_nans()},
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=p.num_workers, use_gpu=gpu, resources_per_worker=resources,
-            accelerator_type=spec.cluster.accelerator_type if gpu else None,
-            placement_strategy=spec.cluster.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name="checkpoints", storage_path=f"{run}/pretrain",
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.keep_checkpoints),
-        ),
-    )  # fmt: skip
+    trainer = make_trainer(spec, f"{run}/pretrain", data["prepared"], queue=queue)
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     fit.start()
@@ -76,6 +54,42 @@ def run_stage(spec, run: str) -> dict:
     result = read_json(f"{run}/pretrain", "result.json")
     _report(result, reused=False)
     return result
+
+
+def make_trainer(spec, out: str, prepared: str, queue=None, method=None, callbacks=()):
+    """A TorchTrainer running the worker loop on `spec.pretrain`'s settings, its outputs in `out`.
+
+    The pretrain stage makes one; each fine-tuning trial makes its own, with a `method`
+    (LoRA or frozen layers), no test pass, and `callbacks` that pass its reports on to Tune.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from llm_dist.cluster import use_gpu
+    from llm_dist.train.loop import train_loop
+
+    p, gpu = spec.pretrain, use_gpu(spec)
+    resources = {"CPU": spec.cluster.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = spec.cluster.gpus_per_worker
+    config = {"spec": spec.model_dump(mode="json"), "out": out, "prepared": prepared,
+              "queue": queue, "nan_at": _injected_nans(), "method": method,
+              "test": method is None}  # fmt: skip
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=p.num_workers, use_gpu=gpu, resources_per_worker=resources,
+            accelerator_type=spec.cluster.accelerator_type if gpu else None,
+            placement_strategy=spec.cluster.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name="checkpoints", storage_path=out, callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.keep_checkpoints),
+        ),
+    )  # fmt: skip
 
 
 def _fit(trainer):

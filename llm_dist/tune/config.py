@@ -29,6 +29,8 @@ class TaskConfig(Section):
     """Fraction of records held out for validation (trial selection)."""
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of records held out for the winner's unbiased test figure."""
+    group_field: str | None = None
+    """Records that share this field's value share a split (e.g. the document they came from); empty splits record by record."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -50,7 +52,7 @@ class TuneConfig(Section):
     method: Literal["full", "lora", "freeze"] = "lora"
     """Full fine-tuning, LoRA adapters (peft), or freezing the first `freeze_layers` layers."""
     lr: float = Field(1e-4, gt=0.0, le=1.0)
-    """Learning rate of each trial."""
+    """Peak learning rate of each trial (after warmup, cosine decay to a tenth of it)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay of each trial."""
     warmup_steps: int = Field(0, ge=0)
@@ -72,21 +74,27 @@ class TuneConfig(Section):
     freeze_layers: int = Field(0, ge=0)
     """Layers frozen from the bottom (method freeze)."""
     num_workers: int = Field(1, ge=1)
-    """Ray Train workers per trial (each trial is itself a DeepSpeed run)."""
+    """Ray Train workers per trial (each trial is itself a DeepSpeed run with `pretrain`'s ZeRO and precision)."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts within a trial before it counts as failed (-1: unlimited)."""
     search_space: dict[str, Any] = Field(default_factory=dict)
     """Trial settings to vary: `{lr: {loguniform: [1e-5, 1e-3]}, method: {choice: [full, lora]}}`."""
     search: Literal["random", "optuna"] = "random"
     """random (with grid entries expanded) or optuna (TPE)."""
-    scheduler: Literal["fifo", "asha", "pbt"] = "asha"
-    """fifo runs every trial to the end; asha stops bad trials early; pbt mutates running ones."""
+    scheduler: Literal["fifo", "asha"] = "asha"
+    """fifo runs every trial to the end; asha stops trials that trail at a rung."""
     grace_period: int = Field(1, ge=1)
     """Evaluations a trial gets before ASHA may stop it."""
+    reduction_factor: float = Field(3.0, gt=1.0)
+    """ASHA keeps the best 1/reduction_factor of the trials at each rung."""
+    seed: int = 0
+    """Seed of the search: random draws and Optuna's sampler."""
     num_samples: int = Field(4, ge=1)
     """Trials to sample (each grid point is repeated this many times)."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Trials running at once; empty lets Ray fill the cluster."""
     metric: Literal["val_loss", "val_perplexity"] = "val_loss"
-    """The validation metric that ranks trials."""
+    """The validation metric that ranks trials (what every trial reports at each evaluation)."""
     mode: Literal["min", "max"] = "min"
     """Whether a lower or higher metric wins."""
 
@@ -121,11 +129,6 @@ class TuneConfig(Section):
                 problems.append(
                     f"{where}.grid: optuna cannot search a grid; use choice or search: random"
                 )
-        if self.scheduler == "pbt" and "method" in self.search_space:
-            problems.append(
-                "tune.search_space.method: PBT cannot switch a running trial's method; "
-                "fix method or use scheduler: asha"
-            )
         if problems:
             raise ValueError("\n".join(problems))
         return self

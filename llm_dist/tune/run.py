@@ -1,0 +1,216 @@
+"""The tune stage on the driver: a Ray Tune sweep whose trials are Ray Train runs of the worker loop.
+
+Each trial is a function trainable that builds the pretrain stage's TorchTrainer on its own
+settings (`trial_spec`) and passes the workers' reports on to Tune (`TuneReportCallback`), so
+ASHA decides on the validation figures the loop reports at every evaluation. A trial's files
+live in `<run>/tune/trials/<trial id>/` (checkpoints/, metrics.jsonl, export/, result.json);
+Tune's own state in `<run>/tune/sweep/`, which `llm-dist tune SPEC --resume` restores.
+"""
+
+import math
+
+from llm_dist.base import UserError
+from llm_dist.manifest import read_json
+from llm_dist.tune.config import TUNABLE
+
+TRIAL_CPU = 0.01  # the trial's own process only waits on its trainer; Tune needs a nonzero ask
+
+
+def run_stage(spec, run: str, resume: bool = False) -> dict:
+    """Run (or resume) the sweep, pick and score the winner; returns winner.json's content."""
+    import ray
+    from ray import tune
+
+    from llm_dist.cluster import connect
+    from llm_dist.manifest import filesystem
+    from llm_dist.tune.task import prepare_task
+    from llm_dist.tune.winner import pick_winner
+
+    t = spec.tune
+    done = read_json(run, "winner.json")
+    if done is not None and not resume:
+        _report_done(done)
+        return done
+    base = _base_model(spec, run)
+    task = prepare_task(spec, base)  # a clear error here, before any trial starts
+    for split, least in (("train", t.num_workers), ("val", t.num_workers), ("test", 1)):
+        if task["sequences"][split] < least:
+            raise UserError(
+                f"tune.task: the {split} split has {task['sequences'][split]} records; the "
+                f"sweep needs at least {least}: add records or raise tune.task.{split}_fraction"
+                if split != "train" else f"tune.task: {task['sequences']['train']} training "
+                f"records for {t.num_workers} workers per trial; add records"
+            )  # fmt: skip
+    connect(spec)
+    sweep = f"{run}/tune/sweep"
+    filesys, path = filesystem(sweep)
+    from pyarrow import fs
+
+    exists = filesys.get_file_info(path).type != fs.FileType.NotFound
+    context = {"spec": spec.model_dump(mode="json"), "run": run, "base": base,
+               "prepared": task["prepared"], "val_rows": task["sequences"]["val"]}  # fmt: skip
+    trainable = tune.with_resources(tune.with_parameters(_trial, context=context),
+                                    {"CPU": TRIAL_CPU})  # fmt: skip
+    if resume:
+        if not exists or not tune.Tuner.can_restore(sweep):
+            raise UserError(f"tune: no sweep to resume in {sweep}; run without --resume")
+        tuner = tune.Tuner.restore(sweep, trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)  # fmt: skip
+    elif exists:
+        raise UserError(
+            f"tune: an unfinished sweep is in {sweep}; continue it with `llm-dist tune SPEC "
+            "--resume`, or delete that folder to start over"
+        )
+    else:
+        concurrency = _concurrency(spec, ray)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(t.search_space),
+            tune_config=tune.TuneConfig(
+                metric=t.metric, mode=t.mode, search_alg=_searcher(t, concurrency),
+                scheduler=_scheduler(t), num_samples=t.num_samples,
+                # Optuna is wrapped in a ConcurrencyLimiter; random/grid takes it directly
+                max_concurrent_trials=concurrency if t.search == "optuna" else None,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name="sweep", storage_path=f"{run}/tune",
+                failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            ),
+        )  # fmt: skip
+    results = tuner.fit()
+    if len(results) > results.num_terminated + results.num_errors:
+        print(f"tune: the sweep was interrupted; continue it with `llm-dist tune SPEC --resume`"
+              f" (state in {sweep})")  # fmt: skip
+        raise KeyboardInterrupt
+    return pick_winner(spec, run, results, base, task)
+
+
+def search_space(space: dict) -> dict:
+    """The spec's search space in Ray Tune's terms (randint's high is excluded, as in Ray)."""
+    from ray import tune
+
+    make = {"choice": tune.choice, "grid": tune.grid_search,
+            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(*a)}  # fmt: skip
+    return {name: make[kind](args) for name, dim in space.items() for kind, args in dim.items()}
+
+
+def trial_spec(spec, trial: dict, base: str, val_rows: int):
+    """The job spec one trial trains with: its settings in the `pretrain` section, the base model.
+
+    Evaluation covers the whole validation split and writes a checkpoint each time (what ASHA
+    decides on, and where a resumed sweep picks a trial up).
+    """
+    from llm_dist.model import ModelConfig
+    from llm_dist.train.config import PretrainConfig
+
+    t = spec.tune
+    workers, micro = t.num_workers, trial["micro_batch_size"]
+    pretrain = PretrainConfig.model_validate({
+        **spec.pretrain.model_dump(), "num_workers": workers, "lr": trial["lr"],
+        "min_lr": trial["lr"] / 10, "schedule": "cosine", "warmup_steps": trial["warmup_steps"],
+        "weight_decay": trial["weight_decay"], "micro_batch_size": micro,
+        "global_batch_size": None, "grad_accum_steps": None, "max_steps": t.max_steps,
+        "eval_every": t.eval_every, "checkpoint_every": t.eval_every, "keep_checkpoints": 1,
+        "log_every": min(spec.pretrain.log_every, t.eval_every), "max_failures": t.max_failures,
+        "eval_batches": max(1, math.ceil(val_rows / (micro * workers))),
+    })  # fmt: skip
+    model = ModelConfig(preset=None, path=base)
+    return spec.model_copy(update={"pretrain": pretrain, "model": model})
+
+
+def _trial(settings: dict, context: dict) -> None:
+    """One trial (runs in a Tune trial actor): the pretrain loop as a fine-tuning run."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from llm_dist.spec import JobSpec
+    from llm_dist.train.run import make_trainer
+
+    spec = JobSpec.model_validate(context["spec"])
+    trial = {**{k: getattr(spec.tune, k) for k in TUNABLE}, **settings,
+             "lora_target_modules": spec.tune.lora_target_modules}  # fmt: skip
+    out = f"{context['run']}/tune/trials/{tune.get_context().get_trial_id()}"
+    run_spec = trial_spec(spec, trial, context["base"], context["val_rows"])
+    make_trainer(run_spec, out, context["prepared"], method=trial,
+                 callbacks=[TuneReportCallback()]).fit()  # fmt: skip
+
+
+def _base_model(spec, run: str) -> str:
+    """The model folder trials start from, checked: it loads, has a tokenizer that fits it."""
+    import json
+    from pathlib import Path
+
+    if spec.tune.base_model:
+        base, field = spec.tune.base_model, "tune.base_model"
+    else:
+        done = read_json(f"{run}/pretrain", "result.json")
+        if done is None:
+            raise UserError(
+                f"tune.base_model: empty, and this run has no pretrain export ({run}/pretrain/"
+                "result.json is missing); run the pretrain stage first or name a model folder"
+            )
+        base, field = done["export"], "the pretrain export"
+    if "://" in base or not Path(base, "config.json").is_file():
+        raise UserError(f"{field}: {base!r} is not a local Hugging Face model folder "
+                        "(no config.json); name a folder saved with save_pretrained")  # fmt: skip
+    from llm_dist.data.tokenizer import load
+
+    try:
+        tokenizer = load(base)
+    except UserError as e:
+        raise UserError(f"{field}: {base!r} has no usable tokenizer ({e})") from None
+    vocab = json.loads(Path(base, "config.json").read_text()).get("vocab_size", 0)
+    if vocab < len(tokenizer):
+        raise UserError(
+            f"{field}: the model in {base!r} has {vocab} token embeddings but its tokenizer has "
+            f"{len(tokenizer)} tokens: they belong to different vocabularies; save the model's "
+            "own tokenizer into the folder"
+        )
+    return str(Path(base).resolve())
+
+
+def _searcher(t, concurrency: int):
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=t.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
+
+
+def _scheduler(t):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if t.scheduler == "fifo":
+        return FIFOScheduler()
+    # counted in optimizer steps, the `step` every report carries
+    return ASHAScheduler(time_attr="step", max_t=t.max_steps,
+                         grace_period=t.grace_period * t.eval_every,
+                         reduction_factor=t.reduction_factor)  # fmt: skip
+
+
+def _concurrency(spec, ray) -> int:
+    """`tune.max_concurrent_trials`, or as many trials as the cluster's CPUs/GPUs hold now."""
+    from llm_dist.cluster import use_gpu
+
+    t, c = spec.tune, spec.cluster
+    if t.max_concurrent_trials:
+        return t.max_concurrent_trials
+    have = ray.cluster_resources()
+    if use_gpu(spec):
+        return max(1, int(have.get("GPU", 0) // (t.num_workers * c.gpus_per_worker)))
+    # one CPU stays free: Ray Data reads the trials' shards
+    return max(1, int((have.get("CPU", 1) - 1) // (t.num_workers * c.cpus_per_worker)))
+
+
+def _report_done(winner: dict) -> None:
+    from rich.console import Console
+
+    Console().print(
+        f"tune (already finished): winner {winner['trial_id']} "
+        f"{winner['metric']} {winner['value']:.4f}, test loss {winner['test_loss']:.4f} "
+        f"(base {winner['base_test_loss']:.4f}); export: {winner['export']}"
+    )
