@@ -49,6 +49,31 @@ def save_into(save, uri: str) -> None:
         fs.copy_files(tmp, path, destination_filesystem=filesys)
 
 
+def local_folder(uri: str) -> str:
+    """A local folder with the contents of `uri`: itself, or a cached copy of an object-store folder.
+
+    For what only reads local files (transformers' `from_pretrained`); the copy is kept under
+    the temp folder by a hash of the URI, so each node downloads a model once.
+    """
+    if "://" not in uri:
+        return uri
+    import hashlib
+    import os
+    import tempfile
+
+    from pyarrow import fs
+
+    local = os.path.join(
+        tempfile.gettempdir(), "llm-dist", hashlib.sha256(uri.encode()).hexdigest()[:16]
+    )
+    if not os.path.exists(f"{local}/.complete"):
+        filesys, path = filesystem(uri)
+        os.makedirs(local, exist_ok=True)
+        fs.copy_files(path, local, source_filesystem=filesys)
+        open(f"{local}/.complete", "w").close()
+    return local
+
+
 def read_manifest(run: str) -> dict[str, Any] | None:
     """The run's manifest, or None when the run has not started yet."""
     return read_json(run, "manifest.json")

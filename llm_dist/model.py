@@ -82,12 +82,15 @@ def build(cfg: ModelConfig, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     from llm_dist.base import UserError
+    from llm_dist.manifest import local_folder
 
     special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     if cfg.path is not None:
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                local_folder(cfg.path), local_files_only=True
+            )
         except (OSError, ValueError) as e:
             raise UserError(f"model.path: cannot load a model from {cfg.path!r}: {e}") from None
         if model.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -22,7 +22,9 @@ def ray_session(s3_server):
 
     # 4 logical CPUs on 2 cores: 2 training workers hold 2, and Ray Data still needs
     # CPU slots to read their shards or the split waits forever.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # The dashboard serves the state API, which Ray Train's placement-group cleaner polls:
+    # without it a trial that Tune stops early keeps its workers' CPUs for good.
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

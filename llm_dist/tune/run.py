@@ -8,6 +8,10 @@ Tune's own state in `<run>/tune/sweep/`, which `llm-dist tune SPEC --resume` res
 """
 
 import math
+import os
+import time
+
+from ray import tune  # this module is imported only when the tune stage runs
 
 from llm_dist.base import UserError
 from llm_dist.manifest import read_json
@@ -19,7 +23,6 @@ TRIAL_CPU = 0.01  # the trial's own process only waits on its trainer; Tune need
 def run_stage(spec, run: str, resume: bool = False) -> dict:
     """Run (or resume) the sweep, pick and score the winner; returns winner.json's content."""
     import ray
-    from ray import tune
 
     from llm_dist.cluster import connect
     from llm_dist.manifest import filesystem
@@ -47,6 +50,7 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
     from pyarrow import fs
 
     exists = filesys.get_file_info(path).type != fs.FileType.NotFound
+    completed = _Completed(f"{run}/tune")
     context = {"spec": spec.model_dump(mode="json"), "run": run, "base": base,
                "prepared": task["prepared"], "val_rows": task["sequences"]["val"]}  # fmt: skip
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context),
@@ -76,20 +80,41 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
             run_config=tune.RunConfig(
                 name="sweep", storage_path=f"{run}/tune",
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                callbacks=[completed],
             ),
         )  # fmt: skip
+    start = time.perf_counter()
     results = tuner.fit()
-    if len(results) > results.num_terminated + results.num_errors:
+    seconds = time.perf_counter() - start
+    expected = t.num_samples * math.prod(
+        len(args) for dim in t.search_space.values() for kind, args in dim.items() if kind == "grid"
+    )
+    done_ids = set(read_json(f"{run}/tune", "completed.json") or [])
+    ended = [r for r in results if r.error or os.path.basename(r.path) in done_ids]
+    if len(ended) < expected:  # Ctrl-C: Tune saved its state and ended the unfinished trials
         print(f"tune: the sweep was interrupted; continue it with `llm-dist tune SPEC --resume`"
               f" (state in {sweep})")  # fmt: skip
         raise KeyboardInterrupt
-    return pick_winner(spec, run, results, base, task)
+    return pick_winner(spec, run, results, base, task, seconds)
+
+
+class _Completed(tune.Callback):
+    """Records, in `<folder>/completed.json`, every trial that ended by itself: it finished or
+    the scheduler stopped it. Trials Tune ends because the sweep was interrupted are not
+    recorded, which tells an interrupted sweep from a finished one. Restored with the sweep."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from llm_dist.manifest import write_json
+
+        ids = set(read_json(self.folder, "completed.json") or []) | {trial.trial_id}
+        write_json(self.folder, "completed.json", sorted(ids))
 
 
 def search_space(space: dict) -> dict:
     """The spec's search space in Ray Tune's terms (randint's high is excluded, as in Ray)."""
-    from ray import tune
-
     make = {"choice": tune.choice, "grid": tune.grid_search,
             "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
             "randint": lambda a: tune.randint(*a)}  # fmt: skip
@@ -122,7 +147,6 @@ def trial_spec(spec, trial: dict, base: str, val_rows: int):
 
 def _trial(settings: dict, context: dict) -> None:
     """One trial (runs in a Tune trial actor): the pretrain loop as a fine-tuning run."""
-    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from llm_dist.spec import JobSpec
@@ -152,23 +176,25 @@ def _base_model(spec, run: str) -> str:
                 "result.json is missing); run the pretrain stage first or name a model folder"
             )
         base, field = done["export"], "the pretrain export"
-    if "://" in base or not Path(base, "config.json").is_file():
-        raise UserError(f"{field}: {base!r} is not a local Hugging Face model folder "
-                        "(no config.json); name a folder saved with save_pretrained")  # fmt: skip
     from llm_dist.data.tokenizer import load
+    from llm_dist.manifest import local_folder
 
+    if read_json(base, "config.json") is None:
+        raise UserError(f"{field}: {base!r} is not a Hugging Face model folder (no "
+                        "config.json); name a folder saved with save_pretrained")  # fmt: skip
+    local = local_folder(base)  # a copy, for object storage: transformers reads local files
     try:
-        tokenizer = load(base)
+        tokenizer = load(local)
     except UserError as e:
         raise UserError(f"{field}: {base!r} has no usable tokenizer ({e})") from None
-    vocab = json.loads(Path(base, "config.json").read_text()).get("vocab_size", 0)
+    vocab = json.loads(Path(local, "config.json").read_text()).get("vocab_size", 0)
     if vocab < len(tokenizer):
         raise UserError(
             f"{field}: the model in {base!r} has {vocab} token embeddings but its tokenizer has "
             f"{len(tokenizer)} tokens: they belong to different vocabularies; save the model's "
             "own tokenizer into the folder"
         )
-    return str(Path(base).resolve())
+    return base if "://" in base else str(Path(base).resolve())
 
 
 def _searcher(t, concurrency: int):

@@ -33,8 +33,9 @@ _TOKENIZERS: dict[str, object] = {}  # per Ray worker process: build the tokeniz
 def prepare_task(spec, base: str) -> dict:
     """Prepare (or reuse) the task data for fine-tuning `base`; returns its `prepared.json`."""
     from llm_dist.data.tokenizer import load
+    from llm_dist.manifest import local_folder
 
-    t = spec.tune.task
+    t, base = spec.tune.task, local_folder(base)
     if t.format == "text":
         from llm_dist.data.prepare import prepare
 
@@ -91,9 +92,10 @@ def prepare_task(spec, base: str) -> dict:
     stats = {"prepared": root, "format": "sft", "records": stats.pop("records"),
              "tokenizer": f"{root}/tokenizer", "seq_len": spec.data.seq_len, **stats}  # fmt: skip
     if not stats["sequences"]["train"]:
+        unusable = ", ".join(f"{k} {v:,}" for k, v in stats["unusable"].items())
         raise UserError(
             f"tune.task: no usable training records among {stats['records']:,} in "
-            f"{', '.join(paths)} (unusable: {stats['unusable'] or 'none'}); check "
+            f"{', '.join(paths)} (unusable: {unusable or 'none'}); check "
             f"tune.task.prompt_field ({t.prompt_field!r}) and response_field "
             f"({t.response_field!r}), or raise data.seq_len if records are too long"
         )

@@ -7,13 +7,17 @@ for the un-tuned base, both in Ray tasks, so the two figures compare like with l
 
 import math
 import os
+import time
 
 from llm_dist.base import UserError
 from llm_dist.manifest import filesystem, read_json, read_manifest, write_json
 
 
-def pick_winner(spec, run: str, results, base: str, task: dict) -> dict:
-    """Table every trial, score the winner and the base on test, write winner.json and a CSV."""
+def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) -> dict:
+    """Table every trial, score the winner and the base on test, write winner.json and a CSV.
+
+    `seconds`: the sweep's wall time (this attempt's, when it was resumed).
+    """
     import ray
 
     from llm_dist.cluster import use_gpu
@@ -42,7 +46,7 @@ def pick_winner(spec, run: str, results, base: str, task: dict) -> dict:
         )
     sign = 1 if t.mode == "min" else -1
     best = min(finished, key=lambda r: sign * r[t.metric])
-    gpus = 1 if use_gpu(spec) else 0
+    start, gpus = time.perf_counter(), 1 if use_gpu(spec) else 0
     score = ray.remote(num_cpus=1, num_gpus=gpus)(test_loss)
     winner_test, base_test = ray.get([
         score.remote(f"{best['out']}/export", task["prepared"], t.micro_batch_size),
@@ -65,6 +69,8 @@ def pick_winner(spec, run: str, results, base: str, task: dict) -> dict:
         "trials": {s: sum(r["status"] == s for r in rows)
                    for s in ("finished", "stopped early", "failed")},
         "results": f"{run}/tune/results.csv",
+        "sweep_seconds": round(seconds, 1),
+        "scoring_seconds": round(time.perf_counter() - start, 1),
         "lineage": _lineage(spec, run, base, task),
     }  # fmt: skip
     write_json(run, "winner.json", winner)
@@ -81,7 +87,10 @@ def test_loss(folder: str, prepared: str, batch_size: int) -> float:
     from llm_dist.train.loop import loss_sum_of
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).to(device).eval()
+    from llm_dist.manifest import local_folder
+
+    model = AutoModelForCausalLM.from_pretrained(local_folder(folder), local_files_only=True)
+    model = model.to(device).eval()
     filesys, path = filesystem(f"{prepared}/test")
     table = pds.dataset(path, filesystem=filesys, format="parquet").to_table()
     width = table.schema.field("tokens").type.list_size

@@ -1,0 +1,265 @@
+"""The tune stage on a real local Ray: sweeps of real fine-tuning trials from a small base model."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_dist.base import UserError
+from llm_dist.spec import JobSpec
+from llm_dist.tune.run import run_stage
+
+MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "shlex.py",
+           "argparse.py", "calendar.py", "fractions.py", "statistics.py", "difflib.py",
+           "ftplib.py", "gettext.py", "imaplib.py", "mailbox.py", "pprint.py", "random.py",
+           "smtplib.py", "tarfile.py", "zipfile.py", "configparser.py"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> str:
+    """Signature -> docstring pairs of a few standard-library modules, `source` per module."""
+    import ast
+
+    from llm_dist.data.stdlib import _signature_docstrings
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    path = tmp_path_factory.mktemp("task") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for module in MODULES:
+            for prompt, response in _signature_docstrings(ast.parse((lib / module).read_text())):
+                f.write(json.dumps({"prompt": prompt, "response": response, "source": module}))
+                f.write("\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    """An un-tuned base model folder: a BPE tokenizer trained on stdlib text, random weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llm_dist.data.tokenizer import train_bpe
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(lib / m).read_text() for m in MODULES]
+    tokenizer = train_bpe(texts, 512, 64)
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True))  # fmt: skip
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def spec_for(root: Path, task: str, base: str, **tune) -> JobSpec:
+    tune = {"base_model": base, "task": {"sources": [task], "group_field": "source",
+            "val_fraction": 0.15, "test_fraction": 0.15}, "max_steps": 20, "eval_every": 5,
+            "micro_batch_size": 8, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
+            "max_concurrent_trials": 2, "num_samples": 1, **tune}  # fmt: skip
+    return JobSpec(
+        name="t", storage_path=str(root), stages=["tune"], data={"seq_len": 64},
+        model={"preset": "tiny", "overrides": {"num_hidden_layers": 2}},
+        pretrain={"precision": "fp32", "zero_stage": 2, "log_every": 5}, tune=tune,
+    )  # fmt: skip
+
+
+def results(run: Path) -> list[dict]:
+    with open(run / "tune" / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
+    ray_session, tmp_path, task, base
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_dist.tune.winner import test_loss
+
+    spec = spec_for(tmp_path, task, base, scheduler="asha", grace_period=1, reduction_factor=3,
+                    search_space={"lr": {"grid": [1e-5, 3e-3]},
+                                  "method": {"grid": ["full", "lora"]}})  # fmt: skip
+    run = tmp_path / "t"
+    winner = run_stage(spec, str(run))
+
+    table = results(run)
+    assert len(table) == 4
+    assert {(float(r["lr"]), r["method"]) for r in table} == {
+        (lr, m) for lr in (1e-5, 3e-3) for m in ("full", "lora")
+    }
+    stopped = [r for r in table if r["status"] == "stopped early"]
+    finished = [r for r in table if r["status"] == "finished"]
+    assert stopped and all(int(r["step"]) < 20 for r in stopped)
+    assert all(int(r["step"]) == 20 for r in finished)
+    best = min(finished, key=lambda r: float(r["val_loss"]))
+    assert winner["trial_id"] == best["trial_id"]
+    assert winner["value"] == pytest.approx(float(best["val_loss"]))
+    assert json.loads((run / "winner.json").read_text())["trial_id"] == best["trial_id"]
+    # one test figure, for the winner only, and it beats the un-tuned base
+    assert [r["test_loss"] for r in table if r["test_loss"]] == [best["test_loss"]]
+    assert winner["test_loss"] < winner["base_test_loss"]
+    assert winner["lineage"]["base_model"] == str(Path(base).resolve())
+    assert winner["trials"] == {"finished": len(finished), "stopped early": len(stopped),
+                                "failed": 0}  # fmt: skip
+    # the export (LoRA merged when the winner used it) reloads as a plain HF model, offline
+    export = winner["export"]
+    model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert AutoTokenizer.from_pretrained(export, local_files_only=True).chat_template
+    assert test_loss(export, winner["lineage"]["task_prepared"], 8) == pytest.approx(
+        winner["test_loss"], rel=1e-4
+    )
+    # every trial evaluated every 5 steps (what it reported to ASHA) until it stopped
+    for r in table:
+        lines = (run / "tune" / "trials" / r["trial_id"] / "metrics.jsonl").read_text()
+        evals = [
+            row["step"] for row in map(json.loads, lines.splitlines()) if row["kind"] == "eval"
+        ]
+        assert evals[: int(r["step"]) // 5 + 1] == list(range(0, int(r["step"]) + 1, 5))
+        if r["status"] == "finished":
+            assert evals == [0, 5, 10, 15, 20]
+    # a finished sweep is reported, not rerun
+    assert run_stage(spec, str(run))["trial_id"] == winner["trial_id"]
+
+
+@pytest.mark.slow
+def test_optuna_sweep_survives_a_failing_trial(ray_session, tmp_path, task, base):
+    """Optuna (TPE) proposes the learning rates; one trial loses its worker and fails."""
+    from ray.util.state import list_actors
+
+    spec = spec_for(tmp_path, task, base, search="optuna", scheduler="fifo", num_samples=3,
+                    method="lora", max_failures=0, max_concurrent_trials=1,
+                    search_space={"lr": {"loguniform": [1e-4, 1e-2]}})  # fmt: skip
+    run = tmp_path / "t"
+    killed = []
+
+    def kill_first_worker():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            trials = list((run / "tune" / "trials").glob("*/metrics.jsonl"))
+            if trials:  # a trial is training: kill its Ray Train worker, as a lost node would
+                for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                  ("state", "=", "ALIVE")]):  # fmt: skip
+                    os.kill(actor.pid, signal.SIGKILL)
+                    killed.append(actor.pid)
+                    break
+            time.sleep(0.5)
+
+    killer = threading.Thread(target=kill_first_worker, daemon=True)
+    killer.start()
+    winner = run_stage(spec, str(run))
+    killer.join()
+
+    assert killed
+    table = results(run)
+    assert [r["status"] for r in table].count("failed") == 1
+    assert [r["status"] for r in table].count("finished") == 2
+    failed = next(r for r in table if r["status"] == "failed")
+    assert failed["error"]  # the reason is recorded
+    lrs = [float(r["lr"]) for r in table]
+    assert len(set(lrs)) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    assert winner["trial_id"] != failed["trial_id"]
+    assert winner["trials"]["failed"] == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes(ray_session, tmp_path, task, base):
+    """SIGINT to `llm-dist tune` mid-trial; `--resume` finishes the sweep from the checkpoints."""
+    import yaml
+
+    spec = spec_for(tmp_path, task, base, scheduler="fifo", method="lora",
+                    max_concurrent_trials=1, search_space={"lr": {"grid": [1e-3, 3e-3]}})  # fmt: skip
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    run = tmp_path / "t"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own embedded Ray
+    log = open(tmp_path / "tune.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "llm_dist.cli", "tune", str(path)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not list((run / "tune" / "trials").glob("*/checkpoints/*/checkpoint.json")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, (tmp_path / "tune.log").read_text()[-3000:]
+    assert not (run / "winner.json").exists()
+    with pytest.raises(UserError, match="continue it with `llm-dist tune SPEC --resume`"):
+        run_stage(spec, str(run))
+
+    winner = run_stage(spec, str(run), resume=True)
+    table = results(run)
+    assert [r["status"] for r in table] == ["finished", "finished"]
+    events = []
+    for r in table:
+        lines = (run / "tune" / "trials" / r["trial_id"] / "metrics.jsonl").read_text()
+        events += [row.get("event") for row in map(json.loads, lines.splitlines())]
+    assert "resumed" in events  # the interrupted trial went on from its checkpoint
+    assert winner["trial_id"] in {r["trial_id"] for r in table}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem", ["missing base", "other vocabulary", "no usable records"])
+def test_bad_input_fails_before_any_trial(ray_session, tmp_path, task, base, problem):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if problem == "missing base":
+        spec = spec_for(tmp_path, task, str(tmp_path / "nowhere"),
+                        search_space={"lr": {"choice": [1e-3]}})  # fmt: skip
+        expected = "is not a Hugging Face model folder"
+    elif problem == "other vocabulary":
+        other = tmp_path / "other"
+        AutoModelForCausalLM.from_config(LlamaConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64,
+            vocab_size=100)).save_pretrained(other)  # fmt: skip
+        for name in os.listdir(base):
+            if "token" in name:
+                (other / name).write_bytes((Path(base) / name).read_bytes())
+        spec = spec_for(tmp_path, task, str(other), search_space={"lr": {"choice": [1e-3]}})
+        expected = "has 100 token embeddings but its tokenizer has 512 tokens"
+    else:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n"
+                               for i in range(20)))  # fmt: skip
+        spec = spec_for(tmp_path, str(bad), base, search_space={"lr": {"choice": [1e-3]}})
+        expected = "no usable training records among 20 .* missing_field 20"
+    with pytest.raises(UserError, match=expected):
+        run_stage(spec, str(tmp_path / "t"))
+    assert not (tmp_path / "t" / "tune").exists()  # no trial started
+
+
+def test_masked_loss_counts_only_the_response():
+    """The loop's loss with a mask equals plain cross-entropy over the response tokens alone."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llm_dist.train.loop import loss_sum_of
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64,
+        vocab_size=50))  # fmt: skip
+    tokens = torch.randint(0, 50, (2, 9))
+    mask = torch.zeros(2, 9, dtype=torch.int8)
+    mask[0, 4:7], mask[1, 2:9] = 1, 1  # prompt, response, padding
+    logits = model(input_ids=tokens[:, :-1]).logits
+    expected = sum(
+        F.cross_entropy(logits[b, t - 1], tokens[b, t], reduction="sum")
+        for b in range(2) for t in range(1, 9) if mask[b, t]
+    )  # fmt: skip
+    assert loss_sum_of(model, tokens, mask).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss_sum_of(model, tokens).item() == pytest.approx(
+        F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").item(),
+        rel=1e-5,
+    )
