@@ -1,8 +1,8 @@
 """Tune sweep overhead and ASHA vs FIFO, side by side in one run.
 
-One search space (learning rate x method, 4 trials, 2 at a time) is swept twice from the same
-small base model on the standard library's signature -> docstring pairs: first with FIFO
-(every trial to the end), then with ASHA. Printed:
+One search space (a 2 x 2 grid of learning rate x method, 4 samples each: 16 trials, 2 at a
+time) is swept twice from the same small base model on the standard library's signature ->
+docstring pairs: first with FIFO (every trial to the end), then with ASHA. Printed:
 
 - Tune's overhead: the FIFO sweep's wall time over (sum of the trials' own times / concurrency),
   the wall time a perfect scheduler would need for the same trials. A trial's own time is
@@ -27,6 +27,10 @@ MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "sh
            "argparse.py", "calendar.py", "fractions.py", "statistics.py", "difflib.py",
            "ftplib.py", "gettext.py", "imaplib.py", "mailbox.py", "pprint.py", "random.py",
            "smtplib.py", "tarfile.py", "zipfile.py", "configparser.py"]  # fmt: skip
+
+
+def task_config(task: str) -> dict:
+    return {"sources": [task], "group_field": "source", "val_fraction": 0.15, "test_fraction": 0.15}
 
 
 def setup(root: Path) -> tuple[str, str]:
@@ -63,7 +67,7 @@ def sweep(root: Path, base: str, task: str, scheduler: str) -> dict:
     spec = JobSpec(
         name=scheduler, storage_path=str(root), stages=["tune"], data={"seq_len": 64},
         pretrain={"precision": "fp32", "zero_stage": 2},
-        tune={"base_model": base, "task": {"sources": [task], "group_field": "source"},
+        tune={"base_model": base, "task": task_config(task),
               "max_steps": STEPS, "eval_every": 5, "micro_batch_size": 8, "lora_r": 4,
               "max_concurrent_trials": 2, "scheduler": scheduler, "reduction_factor": 3,
               "search_space": {"lr": {"grid": [3e-4, 3e-3]}, "method": {"grid": ["full", "lora"]}}},
@@ -95,13 +99,13 @@ def main() -> None:
 
         spec = JobSpec(name="prep", storage_path=str(root), stages=["tune"], data={"seq_len": 64},
                        tune={"base_model": base, "search_space": {"lr": {"choice": [1e-3]}},
-                             "task": {"sources": [task], "group_field": "source"}})  # fmt: skip
+                             "task": task_config(task)})  # fmt: skip
         prepare_task(spec, base)  # both sweeps reuse it
         fifo = sweep(root, base, task, "fifo")
         asha = sweep(root, base, task, "asha")
     ideal = fifo["trial_s"] / 2
     print(
-        f"4 trials x {STEPS} steps, 2 at a time, on {ray.cluster_resources()['CPU']:.0f} logical CPUs"
+        f"{len(fifo['rows'])} trials x {STEPS} steps, 2 at a time, on {ray.cluster_resources()['CPU']:.0f} logical CPUs"
     )
     for name, r in (("fifo", fifo), ("asha", asha)):
         statuses = ", ".join(
