@@ -81,6 +81,7 @@ BAD = {
     "reversed range": (merged("tune", search_space={"lr": {"loguniform": [1e-3, 1e-5]}}), "tune.search_space.lr.loguniform: needs [low, high] numbers with low < high"),
     "optuna grid": (merged("tune", search="optuna", search_space={"lr": {"grid": [1e-3]}}), "tune.search_space.lr.grid: optuna cannot search a grid"),
     "unreported metric": (merged("tune", metric="accuracy"), "tune.metric: got 'accuracy'"),
+    "warmup past the budget": (merged("tune", max_steps=20, search_space={"warmup_steps": {"choice": [0, 30]}}), "tune.warmup_steps: 30 is not below tune.max_steps (20)"),
     "port out of range": (merged("serve", port=70000), "serve.port: got 70000"),
     "vllm on cpu": (merged("serve", engine="vllm"), "serve.engine: vllm needs a GPU per replica"),
     "autoscaling min above max": (merged("serve", autoscaling={"min_replicas": 3, "max_replicas": 2}), "serve.autoscaling.min_replicas: 3 is above max_replicas"),

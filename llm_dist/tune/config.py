@@ -129,6 +129,16 @@ class TuneConfig(Section):
                 problems.append(
                     f"{where}.grid: optuna cannot search a grid; use choice or search: random"
                 )
+        warmup = self.search_space.get("warmup_steps", {})
+        values = (
+            [self.warmup_steps, *next(iter(warmup.values()), [])] if warmup else [self.warmup_steps]
+        )
+        numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        if numbers and max(numbers) >= self.max_steps:
+            problems.append(
+                f"tune.warmup_steps: {max(numbers)} is not below tune.max_steps "
+                f"({self.max_steps}); lower the warmup or raise max_steps"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -162,6 +162,8 @@ def _print(rows: list[dict], t, winner: dict) -> None:
             "" if r["test_loss"] is None else f"{r['test_loss']:.4f}",
         )  # fmt: skip
     console = Console()
+    if not console.is_terminal:  # a log file: no 80-column squeeze of the table
+        console = Console(width=160)
     console.print(table)
     console.print(
         f"winner {winner['trial_id']}: {t.metric} {winner['value']:.4f}; test loss "
