@@ -23,6 +23,7 @@ TRIAL_CPU = 0.01  # the trial's own process only waits on its trainer; Tune need
 def run_stage(spec, run: str, resume: bool = False) -> dict:
     """Run (or resume) the sweep, pick and score the winner; returns winner.json's content."""
     import ray
+    from pyarrow import fs
 
     from llm_dist.cluster import connect
     from llm_dist.manifest import filesystem
@@ -38,19 +39,17 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
     task = prepare_task(spec, base)  # a clear error here, before any trial starts
     for split, least in (("train", t.num_workers), ("val", t.num_workers), ("test", 1)):
         if task["sequences"][split] < least:
+            fix = "add records" + (
+                "" if split == "train" else f" or raise tune.task.{split}_fraction"
+            )
             raise UserError(
                 f"tune.task: the {split} split has {task['sequences'][split]} records; the "
-                f"sweep needs at least {least}: add records or raise tune.task.{split}_fraction"
-                if split != "train" else f"tune.task: {task['sequences']['train']} training "
-                f"records for {t.num_workers} workers per trial; add records"
-            )  # fmt: skip
+                f"sweep needs at least {least} (tune.num_workers is {t.num_workers}): {fix}"
+            )
     connect(spec)
     sweep = f"{run}/tune/sweep"
     filesys, path = filesystem(sweep)
-    from pyarrow import fs
-
     exists = filesys.get_file_info(path).type != fs.FileType.NotFound
-    completed = _Completed(f"{run}/tune")
     context = {"spec": spec.model_dump(mode="json"), "run": run, "base": base,
                "prepared": task["prepared"], "val_rows": task["sequences"]["val"]}  # fmt: skip
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context),
@@ -80,7 +79,7 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
             run_config=tune.RunConfig(
                 name="sweep", storage_path=f"{run}/tune",
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[completed],
+                callbacks=[_Completed(f"{run}/tune")],
             ),
         )  # fmt: skip
     start = time.perf_counter()
