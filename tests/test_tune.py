@@ -263,3 +263,28 @@ def test_masked_loss_counts_only_the_response():
         F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").item(),
         rel=1e-5,
     )
+
+
+@pytest.mark.slow
+def test_freeze_on_plain_text_keeps_the_bottom_and_trains_the_top(ray_session, tmp_path, base):
+    """format text (the data stage's packing, the base's tokenizer) with method freeze."""
+    from safetensors.torch import load_file
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = tmp_path / "text.jsonl"
+    blocks = [b for m in MODULES for b in (lib / m).read_text().split("\n\n") if b.strip()]
+    corpus.write_text("".join(json.dumps({"text": b}) + "\n" for b in blocks))
+    spec = spec_for(tmp_path, str(corpus), base, method="freeze", freeze_layers=1,
+                    scheduler="fifo", max_steps=10, search_space={"lr": {"choice": [3e-3]}})  # fmt: skip
+    spec = spec.model_copy(update={"tune": spec.tune.model_copy(update={
+        "task": spec.tune.task.model_copy(update={"format": "text", "group_field": None})})})  # fmt: skip
+    winner = run_stage(spec, str(tmp_path / "t"))
+
+    assert winner["trials"]["finished"] == 1
+    assert winner["test_loss"] < winner["base_test_loss"]
+    before = load_file(Path(base) / "model.safetensors")
+    after = load_file(Path(winner["export"]) / "model.safetensors")
+    frozen = [k for k in before if k.startswith(("model.embed_tokens", "model.layers.0."))]
+    trained = [k for k in before if k.startswith("model.layers.1.") and k.endswith("weight")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert trained and all(not torch.equal(before[k], after[k]) for k in trained)
