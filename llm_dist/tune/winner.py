@@ -35,7 +35,7 @@ def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) 
                      **{k: result.config.get(k) for k in t.search_space},
                      t.metric: value, "step": done["step"] if done else metrics.get("step"),
                      "status": status, "seconds": metrics.get("time_total_s"),
-                     "error": _first_line(result.error), "out": out})  # fmt: skip
+                     "error": _first_line(result.error), "out": out, "result": done})  # fmt: skip
     finished = [r for r in rows if r["status"] == "finished" and r[t.metric] is not None]
     if not finished:
         failed = [r for r in rows if r["status"] == "failed"]
@@ -55,7 +55,7 @@ def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) 
     for r in rows:
         r["test_loss"] = winner_test if r is best else None
     _save_csv(rows, f"{run}/tune", "results.csv")
-    trial_result = read_json(best["out"], "result.json")
+    trial_result = best["result"]
     winner = {
         "trial_id": best["trial_id"], "metric": t.metric, "mode": t.mode,
         "value": best[t.metric], "test_loss": winner_test,
@@ -129,7 +129,9 @@ def _save_csv(rows: list[dict], folder: str, name: str) -> None:
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "out"} for r in rows])
+    table = pa.Table.from_pylist(
+        [{k: v for k, v in r.items() if k not in ("out", "result")} for r in rows]
+    )
     filesys, path = filesystem(folder)
     filesys.create_dir(path, recursive=True)
     with filesys.open_output_stream(f"{path}/{name}") as f:
