@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     spec_verb("tune", "run the Ray Tune fine-tuning sweep and pick the winner").add_argument(
         "--resume", action="store_true", help="continue an interrupted sweep"
     )
-    spec_verb("serve", "serve the winner behind an OpenAI-compatible API with Ray Serve")
+    spec_verb(
+        "serve", "serve the winner behind an OpenAI-compatible API with Ray Serve (until Ctrl-C)"
+    )
     spec_verb("submit", "submit the spec to a Ray cluster through the Ray Jobs API").add_argument(
         "--address", required=True, help="the cluster's dashboard address, e.g. http://HEAD:8265"
     )
@@ -98,7 +100,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from llm_dist import pipeline
 
     stages = {"run": None, "data": ["data"]}.get(args.verb, [args.verb])
-    folder = pipeline.run(spec, stages, resume=getattr(args, "resume", False))
+    folder = pipeline.run(spec, stages, resume=getattr(args, "resume", False),
+                          keep_serving=args.verb == "serve")  # fmt: skip
     print(f"run folder: {folder}")
     return 0
 

@@ -44,6 +44,9 @@ def connect(spec) -> None:
         trials = spec.tune.max_concurrent_trials or 1
         held = max(spec.pretrain.num_workers, trials * spec.tune.num_workers)
         held *= spec.cluster.cpus_per_worker
+        s = spec.serve
+        replicas = s.autoscaling.max_replicas if s.autoscaling else s.num_replicas
+        held = max(held, replicas * s.cpus_per_replica)
         num_cpus = max(os.cpu_count() or 1, math.ceil(held) + 2)
     ray.init(
         address=spec.cluster.address,

@@ -112,6 +112,34 @@ def build(cfg: ModelConfig, tokenizer):
     return AutoModelForCausalLM.from_config(config)
 
 
+def check_folder(uri: str, field: str):
+    """Check a HF model folder (local or object storage) before any worker loads it.
+
+    It must have a config.json and a usable tokenizer whose tokens the embeddings cover;
+    returns the tokenizer. `field` names the setting the folder came from, for the error.
+    """
+    from llm_dist.base import UserError
+    from llm_dist.data.tokenizer import load
+    from llm_dist.manifest import local_folder, read_json
+
+    if read_json(uri, "config.json") is None:
+        raise UserError(f"{field}: {uri!r} is not a Hugging Face model folder (no "
+                        "config.json); name a folder saved with save_pretrained")  # fmt: skip
+    local = local_folder(uri)  # a copy, for object storage: transformers reads local files
+    try:
+        tokenizer = load(local)
+    except UserError as e:
+        raise UserError(f"{field}: {uri!r} has no usable tokenizer ({e})") from None
+    vocab = json.loads(Path(local, "config.json").read_text()).get("vocab_size", 0)
+    if vocab < len(tokenizer):
+        raise UserError(
+            f"{field}: the model in {uri!r} has {vocab} token embeddings but its tokenizer has "
+            f"{len(tokenizer)} tokens: they belong to different vocabularies; save the model's "
+            "own tokenizer into the folder"
+        )
+    return tokenizer
+
+
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12·L·d·T (N: parameters outside the input embedding)."""
 

@@ -8,10 +8,10 @@ class StageNotBuilt(UserError):
     """A stage this version of llm-dist does not implement yet."""
 
 
-def run_stage(spec, stage: str, run: str, resume: bool = False) -> dict:
+def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bool = False) -> dict:
     """Run one stage of `spec` in the run folder `run`; returns its outputs for the manifest.
 
-    `resume` continues an interrupted tune sweep.
+    `resume` continues an interrupted tune sweep; `keep_serving` keeps the served model up.
     """
     if stage == "data":
         from llm_dist.data.prepare import run_stage as data_stage
@@ -25,19 +25,24 @@ def run_stage(spec, stage: str, run: str, resume: bool = False) -> dict:
         from llm_dist.tune.run import run_stage as tune_stage
 
         return tune_stage(spec, run, resume)
+    if stage == "serve":
+        from llm_dist.serve.run import run_stage as serve_stage
+
+        return serve_stage(spec, run, keep_serving)
     raise StageNotBuilt(
         f"the {stage} stage is not built yet in this version of llm-dist; "
         f"the run stopped before it (outputs so far are in {run})"
     )
 
 
-def run(spec, stages: list[str] | None = None, resume: bool = False) -> str:
+def run(spec, stages: list[str] | None = None, resume: bool = False,
+        keep_serving: bool = False) -> str:  # fmt: skip
     """Run `stages` (default: the spec's own list); returns the run folder."""
     folder = start_run(spec)
     for stage in stages or spec.stages:
         update_stage(folder, stage, "running")
         try:
-            outputs = run_stage(spec, stage, folder, resume)
+            outputs = run_stage(spec, stage, folder, resume, keep_serving)
         except StageNotBuilt:
             update_stage(folder, stage, "not_built")
             raise

@@ -14,7 +14,7 @@ from llm_dist.base import Section, UserError
 from llm_dist.cluster import ClusterConfig
 from llm_dist.data.config import DataConfig
 from llm_dist.model import ModelConfig
-from llm_dist.serve import ServeConfig
+from llm_dist.serve.config import ServeConfig
 from llm_dist.train.config import PretrainConfig
 from llm_dist.tune.config import TuneConfig
 

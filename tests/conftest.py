@@ -30,6 +30,49 @@ def ray_session(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_port() -> int:
+    """The port of Ray Serve's HTTP proxy: one per Ray session, so every serve test shares it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """An un-tuned model folder: a BPE tokenizer trained on stdlib text, a 2-layer random Llama.
+
+    Its tokenizer's model_max_length (64) is the sequence length it is said to be trained at.
+    """
+    import sysconfig
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from llm_dist.data.tokenizer import train_bpe
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(lib / m).read_text() for m in STDLIB_MODULES]
+    tokenizer = train_bpe(texts, 512, 64)
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=128,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True))  # fmt: skip
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+STDLIB_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "shlex.py",
+                  "argparse.py", "calendar.py", "fractions.py", "statistics.py", "difflib.py",
+                  "ftplib.py", "gettext.py", "imaplib.py", "mailbox.py", "pprint.py", "random.py",
+                  "smtplib.py", "tarfile.py", "zipfile.py", "configparser.py"]  # fmt: skip
+
 GOOD = [
     f"document {i:04d} says " + " ".join(f"word{i % 7}{j}" for j in range(30)) for i in range(60)
 ]

@@ -13,15 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import STDLIB_MODULES as MODULES
 
 from llm_dist.base import UserError
 from llm_dist.spec import JobSpec
 from llm_dist.tune.run import run_stage
-
-MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "shlex.py",
-           "argparse.py", "calendar.py", "fractions.py", "statistics.py", "difflib.py",
-           "ftplib.py", "gettext.py", "imaplib.py", "mailbox.py", "pprint.py", "random.py",
-           "smtplib.py", "tarfile.py", "zipfile.py", "configparser.py"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -42,25 +38,8 @@ def task(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> str:
-    """An un-tuned base model folder: a BPE tokenizer trained on stdlib text, random weights."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from llm_dist.data.tokenizer import train_bpe
-
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(lib / m).read_text() for m in MODULES]
-    tokenizer = train_bpe(texts, 512, 64)
-    folder = tmp_path_factory.mktemp("base")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=128, vocab_size=len(tokenizer), max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True))  # fmt: skip
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+def base(tiny_base) -> str:
+    return tiny_base
 
 
 def spec_for(root: Path, task: str, base: str, **tune) -> JobSpec:

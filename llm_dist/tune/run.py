@@ -162,7 +162,6 @@ def _trial(settings: dict, context: dict) -> None:
 
 def _base_model(spec, run: str) -> str:
     """The model folder trials start from, checked: it loads, has a tokenizer that fits it."""
-    import json
     from pathlib import Path
 
     if spec.tune.base_model:
@@ -175,24 +174,9 @@ def _base_model(spec, run: str) -> str:
                 "result.json is missing); run the pretrain stage first or name a model folder"
             )
         base, field = done["export"], "the pretrain export"
-    from llm_dist.data.tokenizer import load
-    from llm_dist.manifest import local_folder
+    from llm_dist.model import check_folder
 
-    if read_json(base, "config.json") is None:
-        raise UserError(f"{field}: {base!r} is not a Hugging Face model folder (no "
-                        "config.json); name a folder saved with save_pretrained")  # fmt: skip
-    local = local_folder(base)  # a copy, for object storage: transformers reads local files
-    try:
-        tokenizer = load(local)
-    except UserError as e:
-        raise UserError(f"{field}: {base!r} has no usable tokenizer ({e})") from None
-    vocab = json.loads(Path(local, "config.json").read_text()).get("vocab_size", 0)
-    if vocab < len(tokenizer):
-        raise UserError(
-            f"{field}: the model in {base!r} has {vocab} token embeddings but its tokenizer has "
-            f"{len(tokenizer)} tokens: they belong to different vocabularies; save the model's "
-            "own tokenizer into the folder"
-        )
+    check_folder(base, field)
     return base if "://" in base else str(Path(base).resolve())
 
 

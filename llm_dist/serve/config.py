@@ -1,4 +1,4 @@
-"""The `serve:` section: how Ray Serve hosts the winner behind an OpenAI-compatible API."""
+"""The `serve:` section: what Ray Serve hosts, where it listens, how it batches, scales and guards itself."""
 
 from typing import Literal
 
@@ -31,7 +31,7 @@ class ServeConfig(Section):
     """What is served, where it listens, and how it batches, scales and guards itself."""
 
     model: str | None = None
-    """A local HF model folder; empty serves the run's tune winner, else its pretrain export."""
+    """A HF model folder (local or s3://); empty: the run's tune winner, else its pretrain export."""
     engine: Literal["transformers", "vllm"] = "transformers"
     """transformers works everywhere (CPU included); vllm (Ray Serve LLM) needs GPUs."""
     host: str = "127.0.0.1"
@@ -53,20 +53,36 @@ class ServeConfig(Section):
     max_ongoing_requests: int = Field(16, ge=1)
     """Requests a replica accepts at once."""
     max_queued_requests: int = Field(64, ge=-1)
-    """Requests queued beyond that before answering 503 (-1: unbounded)."""
+    """Requests queued beyond that before answering `overload_status` (-1: unbounded)."""
+    overload_status: Literal[503, 429] = 503
+    """HTTP status of a request refused because the queue is full."""
     max_tokens: int = Field(256, ge=1)
-    """Cap on a request's max_tokens."""
+    """Cap on a request's max_tokens, and its value when the request names none."""
     max_prompt_tokens: int = Field(1024, ge=1)
     """Longer prompts are refused with 413."""
     api_keys_env: str | None = None
     """Environment variable holding comma-separated API keys; when set, requests need one."""
     api_keys_file: str | None = None
     """File with one API key per line; when set, requests need one."""
+    test_prompt: str = "def read_config(path):"
+    """The prompt sent once the model is up, as a chat turn when the model has a chat template."""
     keep_serving: bool = False
-    """After `llm-dist run`, keep the deployment up instead of stopping after one request."""
+    """After `llm-dist run`, keep the deployment up instead of stopping after the test prompt."""
 
     @model_validator(mode="after")
     def _check(self):
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"serve.max_ongoing_requests: {self.max_ongoing_requests} is below "
+                f"max_batch_size ({self.max_batch_size}), so batches never fill; raise it"
+            )
+        if self.api_keys_env and self.api_keys_file:
+            raise ValueError("serve.api_keys_env and serve.api_keys_file are both set; keep one")
+        if self.engine == "vllm" and (self.api_keys_env or self.api_keys_file):
+            raise ValueError(
+                "serve.engine: vllm (Ray Serve LLM's OpenAI app) does not check API keys; "
+                "use engine: transformers, or drop the keys and put a gateway in front"
+            )
         if self.engine == "vllm" and self.gpus_per_replica < 1:
             raise ValueError(
                 "serve.engine: vllm needs a GPU per replica; set serve.gpus_per_replica: 1 "

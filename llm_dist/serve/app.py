@@ -1,0 +1,147 @@
+"""The Ray Serve deployment: OpenAI-compatible routes over the batched transformers engine.
+
+Requests that reach a replica together are decoded together (`@serve.batch` over the engine's
+step generator), each with its own sampling; streamed or not, every answer comes out of that
+one path. Ray Serve's proxy does the queueing and refuses overload (`max_queued_requests`).
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+from collections import Counter
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve  # this module is imported only when serving
+
+from llm_dist.serve import protocol
+from llm_dist.serve.engine import Job, decode
+
+api = FastAPI(title="llm-dist", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param=None):
+    return JSONResponse(protocol.error(message, kind, param), status_code=status)
+
+
+@serve.deployment(name="llm", max_constructor_retry_count=3)
+@serve.ingress(api)
+class LLMServer:
+    """One replica: the model, its tokenizer, and the routes."""
+
+    def __init__(self, folder: str, name: str, key_hashes: list[str], limits: dict):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from llm_dist.data.tokenizer import load
+        from llm_dist.manifest import local_folder
+
+        local = local_folder(folder)  # on this replica's node: object storage is copied here
+        gpu = torch.cuda.is_available()
+        self.tokenizer = load(local)
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                local, local_files_only=True, dtype=torch.bfloat16 if gpu else torch.float32
+            )
+            .to("cuda" if gpu else "cpu")
+            .eval()
+        )
+        # the trained context: a tokenizer's model_max_length is the sequence length it was
+        # trained at (a huge sentinel when unset), below the positions the model could take
+        self.context = min(self.model.config.max_position_embeddings,
+                           self.tokenizer.model_max_length)  # fmt: skip
+        self.name, self.key_hashes, self.limits = name, key_hashes, limits
+        self.batches: Counter[int] = Counter()  # batch size -> batches decoded, for /health
+        self._decode.set_max_batch_size(limits["max_batch_size"])
+        self._decode.set_batch_wait_timeout_s(limits["batch_wait_timeout_s"])
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced per spec in __init__
+    async def _decode(self, jobs: list[Job]):
+        """Decode the requests queued together; yields each step's Events (StopIteration once done)."""
+        self.batches[len(jobs)] += 1
+        steps = decode(self.model, self.tokenizer, jobs)
+        # each step runs in a thread, so the replica keeps taking requests while it decodes
+        while (events := await asyncio.to_thread(next, steps, None)) is not None:
+            yield [StopIteration if e is None else e for e in events]
+
+    @api.get("/health")
+    def health(self):
+        return {"status": "ok", "model": self.name,
+                "batches": {str(k): v for k, v in sorted(self.batches.items())}}  # fmt: skip
+
+    @api.get("/v1/models")
+    def models(self, request: Request):
+        if not self._authorized(request):
+            return _error(401, "a valid API key is required", "authentication_error")
+        model = {"id": self.name, "object": "model", "created": 0, "owned_by": "llm-dist"}
+        return {"object": "list", "data": [model]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._answer(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._answer(request, chat=True)
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.key_hashes:
+            return True
+        key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        digest = hashlib.sha256(key.encode()).hexdigest()  # keys reach replicas only as hashes
+        return any(hmac.compare_digest(digest, h) for h in self.key_hashes)
+
+    async def _answer(self, request: Request, chat: bool):
+        if not self._authorized(request):  # before the body is read: no key, no parsing
+            return _error(401, "a valid API key is required", "authentication_error")
+        try:
+            kind = protocol.ChatRequest if chat else protocol.CompletionRequest
+            req = protocol.parse(kind, await request.body())
+        except ValueError as e:
+            return _error(422, str(e))
+        if req.model != self.name:
+            return _error(404, f"model {req.model!r} is not served here; this server serves "
+                          f"{self.name!r} (GET /v1/models)", param="model")  # fmt: skip
+        if chat:
+            if not self.tokenizer.chat_template:
+                return _error(400, "this model has no chat template; use /v1/completions")
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)  # fmt: skip
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(req.prompt)
+        room = min(self.limits["max_prompt_tokens"], self.context - 1)
+        if len(ids) > room:
+            return _error(413, f"the prompt is {len(ids)} tokens; this server takes at most {room}",
+                          param="messages" if chat else "prompt")  # fmt: skip
+        asked = (req.max_completion_tokens if chat else None) or req.max_tokens
+        cap = min(self.limits["max_tokens"], self.context - len(ids))
+        job = Job(ids, min(asked or cap, cap), req.temperature, req.top_p, req.stop or [], req.seed)
+        rid, created = protocol.new_id(chat)
+        events = self._decode(job)
+        if req.stream:
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            chunks = self._stream(events, chat, rid, created, usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        text = ""
+        async for event in events:
+            text += event.text
+        used = protocol.usage(event.prompt_tokens, event.completion_tokens)
+        return protocol.body(chat, self.name, rid, created, text, event.finish_reason, used)
+
+    async def _stream(self, events, chat: bool, rid: str, created: int, usage: bool):
+        """Server-sent events: a chunk per step that has new text or an end, then [DONE]."""
+
+        def sse(payload: dict) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async for event in events:
+            if event.text or event.finish_reason:
+                yield sse(protocol.body(chat, self.name, rid, created, event.text,
+                                        event.finish_reason, None, chunk=True))  # fmt: skip
+        if usage:
+            used = protocol.usage(event.prompt_tokens, event.completion_tokens)
+            yield sse(protocol.body(chat, self.name, rid, created, None, None, used, chunk=True))
+        yield "data: [DONE]\n\n"

@@ -1,0 +1,185 @@
+"""The serve stage on the driver: find the model, deploy it with Ray Serve, ask it the test prompt.
+
+What is served: `serve.model`, else the run's tune winner (`winner.json`), else its pretrain
+export; the served model's id is the run's name. `llm-dist serve` then keeps it up until
+Ctrl-C (on a cluster it stays up after the command returns); `llm-dist run` takes it down
+after the test prompt unless `serve.keep_serving` is set.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from llm_dist.base import UserError
+from llm_dist.manifest import read_json
+
+
+def run_stage(spec, run: str, keep_serving: bool = False) -> dict:
+    """Deploy, ask the test prompt, then keep serving or stop; returns the stage's outputs."""
+    from ray import serve
+
+    outputs = deploy(spec, run)
+    if not (keep_serving or spec.serve.keep_serving):
+        serve.delete(spec.name)
+        print("serve: stopped (set serve.keep_serving, or use `llm-dist serve`, to keep it up)")
+    elif spec.cluster.address is None:  # the embedded Ray ends with this process
+        print("serve: serving until Ctrl-C")
+        signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop is a Ctrl-C too
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+            print("serve: stopped")
+    else:
+        print(f"serve: {spec.name!r} keeps running on the cluster; `serve shutdown` stops it")
+    return outputs
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def deploy(spec, run: str) -> dict:
+    """Deploy the spec's model as the Serve application named after the run; ask it once."""
+    import ray
+    from ray import serve
+
+    from llm_dist.cluster import connect
+    from llm_dist.model import check_folder
+
+    s = spec.serve
+    folder, source = _model(spec, run)
+    tokenizer = check_folder(folder, source)
+    keys = _keys(s)
+    app = _vllm_app(spec, folder) if s.engine == "vllm" else _transformers_app(spec, folder, keys)
+    if spec.cluster.address is None and not ray.is_initialized():
+        _check_port(s.host, s.port)  # a fresh embedded Ray: nothing of ours holds it yet
+    connect(spec)
+    started = time.monotonic()
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(app, name=spec.name, route_prefix="/")
+    ready = time.monotonic() - started
+    url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
+    print(f"serve: {spec.name!r} ({source}: {folder}) is up at {url}/v1 in {ready:.1f} s")
+
+    chat = bool(tokenizer.chat_template)
+    route, body = (("chat/completions", {"messages": [{"role": "user", "content": s.test_prompt}]})
+                   if chat else ("completions", {"prompt": s.test_prompt}))  # fmt: skip
+    body |= {"model": spec.name, "max_tokens": s.max_tokens, "temperature": 0.8, "seed": 0}
+    request = urllib.request.Request(
+        f"{url}/v1/{route}", json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json"}
+        | ({"Authorization": f"Bearer {keys[0]}"} if keys else {}),
+    )  # fmt: skip
+    asked = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=300) as r:
+            answer = json.load(r)
+    except urllib.error.HTTPError as e:
+        raise UserError(f"serve: the test prompt got HTTP {e.code}: {e.read().decode()}") from None
+    seconds = time.monotonic() - asked
+    choice = answer["choices"][0]
+    text = choice["message"]["content"] if chat else choice["text"]
+    print(f"serve: asked {s.test_prompt!r}; in {seconds:.2f} s, "
+          f"{answer['usage']['completion_tokens']} tokens ({choice['finish_reason']}):")  # fmt: skip
+    print(text if text.strip() else "(an empty answer: the model ended it at once)")
+    return {"url": url, "model": spec.name, "folder": folder, "source": source,
+            "seconds_to_ready": round(ready, 2), "test_prompt": s.test_prompt,
+            "answer": text, "usage": answer["usage"]}  # fmt: skip
+
+
+def _model(spec, run: str) -> tuple[str, str]:
+    """The folder to serve and where it came from."""
+    if spec.serve.model:
+        model = spec.serve.model
+        return (model if "://" in model else str(Path(model).resolve())), "serve.model"
+    winner = read_json(run, "winner.json")
+    if winner is not None:
+        return winner["export"], f"tune winner {winner['trial_id']}"
+    pretrained = read_json(f"{run}/pretrain", "result.json")
+    if pretrained is not None:
+        return pretrained["export"], "the pretrain export"
+    raise UserError(
+        f"serve.model: empty, and the run {run} has neither a tune winner (winner.json) nor a "
+        "pretrain export; run those stages first or set serve.model to a model folder"
+    )
+
+
+def _keys(s) -> list[str]:
+    """The API keys requests must carry (none: the API is open)."""
+    if s.api_keys_env:
+        keys = [k.strip() for k in os.environ.get(s.api_keys_env, "").split(",") if k.strip()]
+        if not keys:
+            raise UserError(
+                f"serve.api_keys_env: the environment variable {s.api_keys_env} is unset or "
+                "empty; export the keys (comma-separated) or remove the field"
+            )
+        return keys
+    if s.api_keys_file:
+        try:
+            lines = Path(s.api_keys_file).read_text().splitlines()
+        except OSError as e:
+            raise UserError(f"serve.api_keys_file: cannot read {s.api_keys_file}: "
+                            f"{e.strerror}") from None  # fmt: skip
+        keys = [k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#")]
+        if not keys:
+            raise UserError(f"serve.api_keys_file: {s.api_keys_file} holds no key")
+        return keys
+    return []
+
+
+def _check_port(host: str, port: int) -> None:
+    """Refuse a taken port up front: Serve's proxy would otherwise fail to start in the background."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise UserError(f"serve.port: cannot listen on {host}:{port} ({e.strerror}); "
+                            "pick another port with --set serve.port=N") from None  # fmt: skip
+
+
+def _transformers_app(spec, folder: str, keys: list[str]):
+    from llm_dist.serve.app import LLMServer
+
+    s = spec.serve
+    scaling = ({"autoscaling_config": s.autoscaling.model_dump()} if s.autoscaling
+               else {"num_replicas": s.num_replicas})  # fmt: skip
+    hashes = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
+    limits = s.model_dump(include={"max_tokens", "max_prompt_tokens", "max_batch_size",
+                                   "batch_wait_timeout_s"})  # fmt: skip
+    return LLMServer.options(
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
+        backpressure_config={"status_code": s.overload_status}, **scaling,
+    ).bind(folder, spec.name, hashes, limits)  # fmt: skip
+
+
+def _vllm_app(spec, folder: str):
+    """Ray Serve LLM's OpenAI app on vLLM, with the spec's scaling and limits."""
+    try:
+        from ray.serve.llm import LLMConfig, build_openai_app
+    except ImportError as e:
+        raise UserError(
+            f"serve.engine: vllm needs Ray Serve LLM and vLLM ({e}); install them with "
+            "`pip install 'llm-dist[vllm]'` on every GPU node, or use engine: transformers"
+        ) from None
+    s = spec.serve
+    scaling = ({"autoscaling_config": s.autoscaling.model_dump()} if s.autoscaling
+               else {"num_replicas": s.num_replicas})  # fmt: skip
+    source = {"bucket_uri": folder} if "://" in folder else folder
+    return build_openai_app({"llm_configs": [LLMConfig(
+        model_loading_config={"model_id": spec.name, "model_source": source},
+        accelerator_type=spec.cluster.accelerator_type,
+        engine_kwargs={"max_model_len": s.max_prompt_tokens + s.max_tokens,
+                       "max_num_seqs": s.max_batch_size,
+                       "tensor_parallel_size": max(1, int(s.gpus_per_replica))},
+        deployment_config={"max_ongoing_requests": s.max_ongoing_requests,
+                           "max_queued_requests": s.max_queued_requests, **scaling},
+    )]})  # fmt: skip

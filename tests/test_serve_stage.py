@@ -1,0 +1,137 @@
+"""The serve stage as a pipeline step: what it serves, overload, and refusals before deploying."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from llm_dist.base import UserError
+from llm_dist.spec import JobSpec
+
+
+def spec_for(root, port: int, **serve) -> JobSpec:
+    return JobSpec(name="stage", storage_path=str(root), stages=["serve"],
+                   serve={"port": port, "max_tokens": 8, **serve})  # fmt: skip
+
+
+@pytest.mark.slow
+def test_serves_the_winner_else_the_pretrain_export_then_stops(
+    ray_session, serve_port, tiny_base, tmp_path
+):
+    from ray import serve
+
+    from llm_dist import pipeline
+
+    spec = spec_for(tmp_path, serve_port)
+    run = tmp_path / "stage"
+    (run / "pretrain").mkdir(parents=True)
+    (run / "pretrain" / "result.json").write_text(json.dumps({"export": tiny_base}))
+    folder = pipeline.run(spec)
+    manifest = json.loads((run / "manifest.json").read_text())
+    outputs = manifest["stages"]["serve"]["outputs"]
+    assert manifest["stages"]["serve"]["status"] == "succeeded"
+    assert outputs["source"] == "the pretrain export" and outputs["folder"] == tiny_base
+    assert outputs["test_prompt"] == "def read_config(path):"
+    assert 0 < outputs["usage"]["completion_tokens"] <= 8 or outputs["answer"] == ""
+    assert "stage" not in serve.status().applications  # taken down after the test prompt
+
+    (run / "winner.json").write_text(json.dumps({"export": tiny_base, "trial_id": "abc_00001"}))
+    assert pipeline.run(spec) == folder
+    outputs = json.loads((run / "manifest.json").read_text())["stages"]["serve"]["outputs"]
+    assert outputs["source"] == "tune winner abc_00001"
+    assert outputs["url"] == f"http://127.0.0.1:{serve_port}"
+
+
+@pytest.mark.slow
+def test_overload_is_refused_quickly_and_nothing_hangs(
+    ray_session, serve_port, tiny_base, tmp_path
+):
+    """24 requests at once on 1 ongoing + 2 queued: only 200s and the intended 429s, in bounded time."""
+    from ray import serve
+
+    from llm_dist.serve.run import deploy
+
+    spec = spec_for(tmp_path, serve_port, model=tiny_base, max_batch_size=1,
+                    max_ongoing_requests=1, max_queued_requests=2, overload_status=429,
+                    max_tokens=48, max_prompt_tokens=16)  # fmt: skip
+    url = deploy(spec, str(tmp_path / "stage"))["url"]
+    statuses: list[int] = []
+    body = json.dumps({"model": "stage", "prompt": "def f(x):", "max_tokens": 48,
+                       "temperature": 0}).encode()  # fmt: skip
+
+    def ask():
+        request = urllib.request.Request(f"{url}/v1/completions", body,
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                statuses.append(r.status)
+        except urllib.error.HTTPError as e:
+            statuses.append(e.code)
+
+    try:
+        start = time.monotonic()
+        threads = [threading.Thread(target=ask) for _ in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        seconds = time.monotonic() - start
+    finally:
+        serve.delete("stage")
+    assert len(statuses) == 24 and seconds < 90
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) > 0 and statuses.count(200) >= 3
+
+
+def test_nothing_to_serve_is_refused(tmp_path):
+    from llm_dist.serve.run import deploy
+
+    with pytest.raises(UserError, match=r"serve.model: empty, and the run .* has neither a tune "):
+        deploy(spec_for(tmp_path, 8000), str(tmp_path / "stage"))
+    with pytest.raises(UserError, match=r"serve.model: .*missing.* is not a Hugging Face model"):
+        deploy(spec_for(tmp_path, 8000, model=str(tmp_path / "missing")), str(tmp_path / "x"))
+
+
+def test_api_keys_must_be_there_when_configured(tmp_path, tiny_base, monkeypatch):
+    from llm_dist.serve.run import deploy
+
+    monkeypatch.delenv("LLM_DIST_NO_SUCH_KEYS", raising=False)
+    spec = spec_for(tmp_path, 8000, model=tiny_base, api_keys_env="LLM_DIST_NO_SUCH_KEYS")
+    with pytest.raises(UserError, match="LLM_DIST_NO_SUCH_KEYS is unset or empty"):
+        deploy(spec, str(tmp_path / "stage"))
+    spec = spec_for(tmp_path, 8000, model=tiny_base, api_keys_file=str(tmp_path / "keys.txt"))
+    with pytest.raises(UserError, match=r"serve.api_keys_file: cannot read .*keys.txt"):
+        deploy(spec, str(tmp_path / "stage"))
+    (tmp_path / "keys.txt").write_text("# nothing but a comment\n\n")
+    with pytest.raises(UserError, match=r"keys.txt holds no key"):
+        deploy(spec, str(tmp_path / "stage"))
+
+
+def test_vllm_without_its_extra_is_refused(tmp_path, tiny_base):
+    from llm_dist.serve.run import deploy
+
+    spec = spec_for(tmp_path, 8000, model=tiny_base, engine="vllm", gpus_per_replica=1)
+    with pytest.raises(UserError, match=r"serve.engine: vllm needs Ray Serve LLM and vLLM .*"
+                                        r"pip install 'llm-dist\[vllm\]'"):  # fmt: skip
+        deploy(spec, str(tmp_path / "stage"))
+
+
+def test_a_taken_port_is_refused_before_ray_starts(tmp_path, tiny_base):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(f"name: p\nstorage_path: {tmp_path}\nstages: [serve]\n"
+                        f"serve: {{model: {tiny_base}, port: {port}}}\n")  # fmt: skip
+        done = subprocess.run([sys.executable, "-m", "llm_dist.cli", "serve", str(spec)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"serve.port: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "--set serve.port=N" in done.stderr and "Traceback" not in done.stderr
