@@ -89,6 +89,54 @@ def test_overload_is_refused_quickly_and_nothing_hangs(
     assert statuses.count(429) > 0 and statuses.count(200) >= 3
 
 
+@pytest.mark.slow
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(
+    ray_session, serve_port, tiny_base, tmp_path
+):
+    from ray import serve
+
+    from llm_dist.serve.run import deploy
+
+    spec = spec_for(tmp_path, serve_port, model=tiny_base, max_tokens=48, autoscaling={
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+        "upscale_delay_s": 1, "downscale_delay_s": 2})  # fmt: skip
+    url = deploy(spec, str(tmp_path / "stage"))["url"]
+
+    def running() -> int:
+        states = serve.status().applications["stage"].deployments["llm"].replica_states
+        return states.get("RUNNING", 0)
+
+    body = json.dumps({"model": "stage", "prompt": "def f(x):", "max_tokens": 48}).encode()
+    busy, counts = threading.Event(), []
+
+    def load():
+        while not busy.is_set():
+            request = urllib.request.Request(f"{url}/v1/completions", body,
+                                             {"Content-Type": "application/json"})  # fmt: skip
+            urllib.request.urlopen(request, timeout=60).close()
+
+    try:
+        assert running() == 1
+        clients = [threading.Thread(target=load) for _ in range(6)]
+        for t in clients:
+            t.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and max(counts, default=0) < 2:
+            counts.append(running())
+            time.sleep(0.5)
+        busy.set()
+        for t in clients:
+            t.join(timeout=60)
+        assert max(counts) == 2, f"never scaled up: {counts}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and running() > 1:
+            time.sleep(0.5)
+        assert running() == 1
+    finally:
+        busy.set()
+        serve.delete("stage")
+
+
 def test_nothing_to_serve_is_refused(tmp_path):
     from llm_dist.serve.run import deploy
 

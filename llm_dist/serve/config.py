@@ -16,6 +16,10 @@ class AutoscalingConfig(Section):
     """Most replicas the autoscaler starts."""
     target_ongoing_requests: float = Field(4.0, gt=0.0)
     """Ongoing requests per replica the autoscaler aims at."""
+    upscale_delay_s: float = Field(30.0, ge=0.0)
+    """How long load stays above target before a replica is added."""
+    downscale_delay_s: float = Field(600.0, ge=0.0)
+    """How long load stays below target before a replica is removed."""
 
     @model_validator(mode="after")
     def _check(self):
