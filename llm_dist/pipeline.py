@@ -5,7 +5,7 @@ from llm_dist.manifest import start_run, update_stage
 
 
 class StageNotBuilt(UserError):
-    """A stage this version of llm-dist does not implement yet."""
+    """A verb this version of llm-dist does not implement yet."""
 
 
 def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bool = False) -> dict:
@@ -29,10 +29,7 @@ def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bo
         from llm_dist.serve.run import run_stage as serve_stage
 
         return serve_stage(spec, run, keep_serving)
-    raise StageNotBuilt(
-        f"the {stage} stage is not built yet in this version of llm-dist; "
-        f"the run stopped before it (outputs so far are in {run})"
-    )
+    raise ValueError(f"unknown stage {stage!r}")  # the spec allows only the four above
 
 
 def run(spec, stages: list[str] | None = None, resume: bool = False,
@@ -43,9 +40,6 @@ def run(spec, stages: list[str] | None = None, resume: bool = False,
         update_stage(folder, stage, "running")
         try:
             outputs = run_stage(spec, stage, folder, resume, keep_serving)
-        except StageNotBuilt:
-            update_stage(folder, stage, "not_built")
-            raise
         except BaseException as e:
             update_stage(folder, stage, "failed", error=f"{type(e).__name__}: {e}")
             raise

@@ -104,16 +104,17 @@ def test_verb_not_built_yet_exits_3(tmp_path):
     assert "not built yet" in out.stderr
 
 
-def test_run_records_manifest_and_stops_at_unbuilt_stage(tmp_path):
+def test_run_records_manifest_and_a_failed_stage(tmp_path):
     out = cli(
         "run", str(QUICKSTART), "--set", f"storage_path={tmp_path}", "--set", "stages=[serve]"
     )
-    assert out.returncode == 3
-    assert "the serve stage is not built yet" in out.stderr
+    assert out.returncode == 2
+    assert "serve.model: empty, and the run" in out.stderr and "Traceback" not in out.stderr
     manifest = json.loads((tmp_path / "quickstart" / "manifest.json").read_text())
     assert manifest["spec"]["storage_path"] == str(tmp_path)
     assert manifest["stages"] == {"serve": manifest["stages"]["serve"]}
-    assert manifest["stages"]["serve"]["status"] == "not_built"
+    assert manifest["stages"]["serve"]["status"] == "failed"
+    assert manifest["stages"]["serve"]["error"].startswith("UserError: serve.model: empty")
 
 
 def test_data_stage_with_missing_corpus_names_the_source(tmp_path):
