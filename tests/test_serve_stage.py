@@ -164,7 +164,7 @@ def test_api_keys_must_be_there_when_configured(tmp_path, tiny_base, monkeypatch
 def test_vllm_without_its_extra_is_refused(tmp_path, tiny_base):
     from llm_dist.serve.run import deploy
 
-    spec = spec_for(tmp_path, 8000, model=tiny_base, engine="vllm", gpus_per_replica=1)
+    spec = spec_for(tmp_path, 8000, model=tiny_base, engine="vllm")
     with pytest.raises(UserError, match=r"serve.engine: vllm needs Ray Serve LLM and vLLM .*"
                                         r"pip install 'llm-dist\[vllm\]'"):  # fmt: skip
         deploy(spec, str(tmp_path / "stage"))

@@ -83,7 +83,7 @@ BAD = {
     "unreported metric": (merged("tune", metric="accuracy"), "tune.metric: got 'accuracy'"),
     "warmup past the budget": (merged("tune", max_steps=20, search_space={"warmup_steps": {"choice": [0, 30]}}), "tune.warmup_steps: 30 is not below tune.max_steps (20)"),
     "port out of range": (merged("serve", port=70000), "serve.port: got 70000"),
-    "vllm on cpu": (merged("serve", engine="vllm"), "serve.engine: vllm needs a GPU per replica"),
+    "vllm on cpu": (merged("serve", engine="vllm", gpus_per_replica=0), "serve.engine: vllm needs a GPU per replica"),
     "batch above ongoing": (merged("serve", max_batch_size=32), "serve.max_ongoing_requests: 16 is below max_batch_size (32)"),
     "two key sources": (merged("serve", api_keys_env="K", api_keys_file="k.txt"), "serve.api_keys_env and serve.api_keys_file are both set"),
     "vllm with keys": (merged("serve", engine="vllm", gpus_per_replica=1, api_keys_env="K"), "serve.engine: vllm (Ray Serve LLM's OpenAI app) does not check API keys"),

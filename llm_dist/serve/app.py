@@ -9,6 +9,8 @@ import asyncio
 import hashlib
 import hmac
 import json
+import time
+import uuid
 from collections import Counter
 
 from fastapi import FastAPI, Request
@@ -22,7 +24,8 @@ api = FastAPI(title="llm-dist", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param=None):
-    return JSONResponse(protocol.error(message, kind, param), status_code=status)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status)
 
 
 @serve.deployment(name="llm", max_constructor_retry_count=3)
@@ -119,7 +122,7 @@ class LLMServer:
         asked = (req.max_completion_tokens if chat else None) or req.max_tokens
         cap = min(self.limits["max_tokens"], self.context - len(ids))
         job = Job(ids, min(asked or cap, cap), req.temperature, req.top_p, req.stop or [], req.seed)
-        rid, created = protocol.new_id(chat)
+        rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         events = self._decode(job)
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -48,8 +48,8 @@ class ServeConfig(Section):
     """Autoscale replicas instead of a fixed count (see `serve.autoscaling.*`)."""
     cpus_per_replica: float = Field(1.0, gt=0.0)
     """CPUs reserved per replica."""
-    gpus_per_replica: float = Field(0.0, ge=0.0)
-    """GPUs per replica (0 on CPU machines)."""
+    gpus_per_replica: float | None = Field(None, ge=0.0)
+    """GPUs per replica; empty: 1 when the cluster has GPUs (always for vllm), else 0."""
     max_batch_size: int = Field(8, ge=1)
     """Most requests decoded together on one replica."""
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
@@ -87,7 +87,11 @@ class ServeConfig(Section):
                 "serve.engine: vllm (Ray Serve LLM's OpenAI app) does not check API keys; "
                 "use engine: transformers, or drop the keys and put a gateway in front"
             )
-        if self.engine == "vllm" and self.gpus_per_replica < 1:
+        if (
+            self.engine == "vllm"
+            and self.gpus_per_replica is not None
+            and self.gpus_per_replica < 1
+        ):
             raise ValueError(
                 "serve.engine: vllm needs a GPU per replica; set serve.gpus_per_replica: 1 "
                 "or engine: transformers"

@@ -4,8 +4,6 @@ Fields the OpenAI API has but this server does not implement (logprobs, penaltie
 are refused by name rather than silently ignored.
 """
 
-import time
-import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -68,10 +66,6 @@ def parse(kind: type[_Request], body: bytes) -> _Request:
         raise ValueError("; ".join(problems)) from None
 
 
-def error(message: str, kind: str, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
-
-
 def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}  # fmt: skip
@@ -95,7 +89,3 @@ def body(chat: bool, model: str, rid: str, created: int, text: str | None, finis
     if used is not None or not chunk:
         out["usage"] = used
     return out
-
-
-def new_id(chat: bool) -> tuple[str, int]:
-    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())

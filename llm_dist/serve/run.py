@@ -58,10 +58,16 @@ def deploy(spec, run: str) -> dict:
     folder, source = _model(spec, run)
     tokenizer = check_folder(folder, source)
     keys = _keys(s)
-    app = _vllm_app(spec, folder) if s.engine == "vllm" else _transformers_app(spec, folder, keys)
+    if s.engine == "vllm":
+        app = _vllm_app(spec, folder)  # before Ray starts: fails fast without Ray Serve LLM
     if spec.cluster.address is None and not ray.is_initialized():
         _check_port(s.host, s.port)  # a fresh embedded Ray: nothing of ours holds it yet
     connect(spec)
+    if s.engine == "transformers":
+        gpus = s.gpus_per_replica
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        app = _transformers_app(spec, folder, keys, gpus)
     started = time.monotonic()
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(app, name=spec.name, route_prefix="/")
@@ -145,7 +151,7 @@ def _check_port(host: str, port: int) -> None:
                             "pick another port with --set serve.port=N") from None  # fmt: skip
 
 
-def _transformers_app(spec, folder: str, keys: list[str]):
+def _transformers_app(spec, folder: str, keys: list[str], gpus: float):
     from llm_dist.serve.app import LLMServer
 
     s = spec.serve
@@ -155,7 +161,7 @@ def _transformers_app(spec, folder: str, keys: list[str]):
     limits = s.model_dump(include={"max_tokens", "max_prompt_tokens", "max_batch_size",
                                    "batch_wait_timeout_s"})  # fmt: skip
     return LLMServer.options(
-        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": s.gpus_per_replica},
+        ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": gpus},
         max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
         backpressure_config={"status_code": s.overload_status}, **scaling,
     ).bind(folder, spec.name, hashes, limits)  # fmt: skip
@@ -179,7 +185,7 @@ def _vllm_app(spec, folder: str):
         accelerator_type=spec.cluster.accelerator_type,
         engine_kwargs={"max_model_len": s.max_prompt_tokens + s.max_tokens,
                        "max_num_seqs": s.max_batch_size,
-                       "tensor_parallel_size": max(1, int(s.gpus_per_replica))},
+                       "tensor_parallel_size": max(1, int(s.gpus_per_replica or 1))},
         deployment_config={"max_ongoing_requests": s.max_ongoing_requests,
                            "max_queued_requests": s.max_queued_requests, **scaling},
     )]})  # fmt: skip
