@@ -6,7 +6,6 @@ import sys
 from llm_dist import __version__
 
 EXIT_USER_ERROR = 2  # bad spec, missing file, bad arguments (argparse uses 2 as well)
-EXIT_NOT_BUILT = 3  # the stage exists in the spec but not yet in this version
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,13 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from llm_dist.base import UserError
-    from llm_dist.pipeline import StageNotBuilt
 
     try:
         return _dispatch(args)
-    except StageNotBuilt as e:
-        print(f"llm-dist: {e}", file=sys.stderr)
-        return EXIT_NOT_BUILT
     except UserError as e:
         print(f"llm-dist: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -79,10 +74,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from llm_dist.pipeline import StageNotBuilt
-
     if args.verb in ("status", "logs", "stop"):
-        raise StageNotBuilt(f"`llm-dist {args.verb}` (Ray Jobs API) is not built yet")
+        from llm_dist import jobs
+
+        if args.verb == "status":
+            info = jobs.status(args.job_id, args.address)
+            print(
+                f"{args.job_id}: {info['status']}"
+                + (f" ({info['message']})" if info["message"] else "")
+            )
+        elif args.verb == "logs":
+            jobs.logs(args.job_id, args.address, args.follow)
+        elif jobs.stop(args.job_id, args.address):
+            print(f"{args.job_id}: stop requested")
+        else:
+            print(f"{args.job_id}: already ended")
+        return 0
     if args.verb == "data" and args.data_verb == "stdlib":
         from llm_dist.data.stdlib import collect
 
@@ -96,7 +103,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "validate":
         return _validate(spec, args)
     if args.verb == "submit":
-        raise StageNotBuilt("`llm-dist submit` (Ray Jobs API) is not built yet")
+        from llm_dist.jobs import submit
+
+        job_id = submit(spec, args.address)
+        print(f"submitted {job_id}; follow it with `llm-dist logs {job_id} --address "
+              f"{args.address} --follow`")  # fmt: skip
+        return 0
     from llm_dist import pipeline
 
     stages = {"run": None, "data": ["data"]}.get(args.verb, [args.verb])

@@ -1,11 +1,6 @@
 """Runs the stages a spec names, in order, recording each one in the run manifest."""
 
-from llm_dist.base import UserError
 from llm_dist.manifest import start_run, update_stage
-
-
-class StageNotBuilt(UserError):
-    """A verb this version of llm-dist does not implement yet."""
 
 
 def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bool = False) -> dict:

@@ -98,10 +98,11 @@ def test_unknown_verb():
     assert "invalid choice: 'train'" in out.stderr
 
 
-def test_verb_not_built_yet_exits_3(tmp_path):
+def test_an_unreachable_jobs_address_is_one_clear_error():
     out = cli("status", "raysubmit_123", "--address", "http://127.0.0.1:1")
-    assert out.returncode == 3
-    assert "not built yet" in out.stderr
+    assert out.returncode == 2
+    assert "--address: cannot use the Ray Jobs API at http://127.0.0.1:1" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_run_records_manifest_and_a_failed_stage(tmp_path):

@@ -1,0 +1,114 @@
+"""submit / status / logs / stop: a spec run as a Ray job through the Ray Jobs API.
+
+The job's working_dir is a fresh folder holding only the effective spec (`spec.yaml`: every
+default and `--set` applied, `cluster.address: auto`), and this llm_dist package travels with
+it (`py_modules`), so the cluster runs the code that submitted it; its nodes need llm-dist's
+dependencies installed. The Ray auth token comes from RAY_AUTH_TOKEN, the file named by
+RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, and only ever goes into a request header.
+"""
+
+import os
+from pathlib import Path
+
+from llm_dist.base import UserError
+
+
+def submit(spec, address: str) -> str:
+    """Submit `spec` to the cluster at `address`; returns the job id."""
+    import tempfile
+
+    import yaml
+
+    import llm_dist
+
+    storage = spec.storage_path
+    if "://" not in storage and not os.path.isabs(storage):
+        raise UserError(
+            f"storage_path: {storage!r} is relative, so the job would write into its own "
+            "temporary folder on the cluster; use s3://…, gs://… or an absolute path every "
+            "node shares"
+        )
+    effective = spec.model_dump(mode="json")
+    effective["cluster"]["address"] = "auto"  # the job's driver joins the cluster it runs on
+    staging = Path(tempfile.mkdtemp(prefix="llm-dist-job-"))
+    (staging / "spec.yaml").write_text(yaml.safe_dump(effective, sort_keys=False))
+    client = _client(address)
+    job_id = _call(address, None, lambda: client.submit_job(
+        entrypoint="python -m llm_dist.cli run spec.yaml",
+        runtime_env={"working_dir": str(staging), "env_vars": spec.cluster.env,
+                     "py_modules": [str(Path(llm_dist.__file__).parent)]},
+        metadata={"llm_dist_run": spec.name},
+    ))  # fmt: skip
+    return job_id
+
+
+def status(job_id: str, address: str) -> dict:
+    client = _client(address)
+    info = _call(address, job_id, lambda: client.get_job_info(job_id))
+    return {"status": str(info.status.value), "message": info.message or "",
+            "entrypoint": info.entrypoint}  # fmt: skip
+
+
+def logs(job_id: str, address: str, follow: bool) -> None:
+    """Print the job's logs; with `follow`, keep printing until the job ends."""
+    client = _client(address)
+    if not follow:
+        print(_call(address, job_id, lambda: client.get_job_logs(job_id)), end="")
+        return
+    import asyncio
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    _call(address, job_id, lambda: client.get_job_status(job_id))  # a clear error first
+    asyncio.run(tail())
+
+
+def stop(job_id: str, address: str) -> bool:
+    """Ask the job to stop; False when it had already ended."""
+    client = _client(address)
+    return _call(address, job_id, lambda: client.stop_job(job_id))
+
+
+def _token() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    token = _token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return _call(address, None, lambda: JobSubmissionClient(address, headers=headers))
+
+
+def _call(address: str, job_id: str | None, fn):
+    """Run one Jobs API call; its failures become one message naming the fix."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return fn()
+    except (AuthenticationError, ConnectionError, RuntimeError, ValueError) as e:
+        text = str(e)
+        if "401" in text or "Authentication required" in text:
+            raise UserError(
+                f"--address: {address} requires a Ray auth token and none was sent; set "
+                "RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH, or put it in ~/.ray/auth_token"
+            ) from None
+        if "403" in text or "Authentication failed" in text:
+            raise UserError(f"--address: {address} refused the Ray auth token; use the "
+                            "cluster's own token") from None  # fmt: skip
+        if job_id is not None and ("404" in text or "does not exist" in text):
+            raise UserError(
+                f"no job {job_id!r} on {address}; `ray job list` shows its jobs"
+            ) from None
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise UserError(f"--address: cannot use the Ray Jobs API at {address} ({first}); "
+                        "give the dashboard address, e.g. http://HEAD:8265") from None  # fmt: skip
