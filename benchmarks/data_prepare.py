@@ -68,7 +68,7 @@ def main() -> None:
         "tokenizer": {"vocab_size": 4096, "train_sample_docs": 2000},
     }
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_start = time.perf_counter() - t0
 

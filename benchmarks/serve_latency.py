@@ -100,7 +100,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     folder, prompts = setup(root)
     torch.set_num_threads(2)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
 
     def serve_spec(**batching) -> JobSpec:
         return JobSpec(name="bench", storage_path=str(root), stages=["serve"], serve={

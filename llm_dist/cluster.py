@@ -49,7 +49,8 @@ def connect(spec) -> None:
         held = max(held, replicas * s.cpus_per_replica)
         num_cpus = max(os.cpu_count() or 1, math.ceil(held) + 2)
     ray.init(
-        address=spec.cluster.address,
+        # "local" starts a new instance even when `ray start` left a cluster on this machine
+        address=spec.cluster.address or "local",
         num_cpus=num_cpus,
         runtime_env={"env_vars": spec.cluster.env} if spec.cluster.env else None,
         log_to_driver=True,

@@ -24,7 +24,8 @@ def ray_session(s3_server):
     # CPU slots to read their shards or the split waits forever.
     # The dashboard serves the state API, which Ray Train's placement-group cleaner polls:
     # without it a trial that Tune stops early keeps its workers' CPUs for good.
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)
+    # address="local": a new instance even when a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -8,10 +8,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -34,7 +36,10 @@ def free_port() -> int:
 def head(tmp_path_factory):
     token = secrets.token_hex(32)
     dashboard = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+    # its own temp folder: `ray start` records itself there (ray_current_cluster), and a
+    # plain ray.init() elsewhere on this machine would otherwise try to join it
+    tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TMPDIR": tmp,
            "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
     log_path = tmp_path_factory.mktemp("head") / "head.log"
     with open(log_path, "w") as log:
@@ -44,7 +49,7 @@ def head(tmp_path_factory):
         args = [f"{p}={dashboard if p == '--dashboard-port' else free_port()}" for p in ports]
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", "--num-cpus=4", *args],
+             "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={tmp}/ray", *args],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         address = f"http://127.0.0.1:{dashboard}"
@@ -66,6 +71,7 @@ def head(tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cli(*args, token: str | None, home: Path | None = None) -> subprocess.CompletedProcess:

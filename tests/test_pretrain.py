@@ -238,3 +238,27 @@ def test_killed_worker_restarts_and_consumes_each_id_once(ray_session, tmp_path)
     assert result["step"] == 60 and result["epoch"] == 1  # 372 sequences: about 47 steps each
     steps = ledger[:, 0]
     assert steps.min() == 1 and np.all(np.diff(np.unique(steps)) == 1)
+
+
+def test_object_storage_run_checkpoints_resumes_and_exports(ray_session, s3_server, corpus):
+    """storage_path on s3:// (a real S3 server on loopback): checkpoints, resume and the export."""
+    import boto3
+    from transformers import AutoModelForCausalLM
+
+    from llm_dist.manifest import filesystem, local_folder, read_json
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="ckpt")
+    pipeline.run(spec_for("s3://ckpt/runs", corpus))  # type: ignore[arg-type]
+    pipeline.run(spec_for("s3://ckpt/runs", corpus, max_steps=9))  # type: ignore[arg-type]
+    s3, path = filesystem("s3://ckpt/runs/p/pretrain/metrics.jsonl")
+    with s3.open_input_stream(path) as f:
+        logged = [json.loads(line) for line in f.read().decode().splitlines()]
+    steps = [r["step"] for r in logged if r["kind"] == "train"]
+    assert steps == list(range(1, 10))  # each step once across the two attempts
+    resumed = [r for r in logged if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] == 6
+    assert resumed[0]["checkpoint"].startswith("s3://ckpt/runs/p/pretrain/checkpoints/")
+    result = read_json("s3://ckpt/runs/p/pretrain", "result.json")
+    assert result["step"] == 9 and result["export"] == "s3://ckpt/runs/p/pretrain/export"
+    model = AutoModelForCausalLM.from_pretrained(local_folder(result["export"]))
+    assert model.config.num_hidden_layers == 2
