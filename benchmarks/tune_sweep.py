@@ -90,7 +90,9 @@ def sweep(root: Path, base: str, task: str, scheduler: str) -> dict:
 def main() -> None:
     import ray
 
-    ray.init(address="local", num_cpus=4, log_to_driver=False)  # with the dashboard: see tests/conftest.py
+    ray.init(
+        address="local", num_cpus=4, log_to_driver=False
+    )  # with the dashboard: see tests/conftest.py
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, task = setup(root)
