@@ -73,6 +73,12 @@ class ServeConfig(Section):
     keep_serving: bool = False
     """After `llm-dist run`, keep the deployment up instead of stopping after the test prompt."""
 
+    def scaling(self) -> dict:
+        """Ray Serve's deployment options for the replica count: autoscaling or a fixed number."""
+        if self.autoscaling:
+            return {"autoscaling_config": self.autoscaling.model_dump()}
+        return {"num_replicas": self.num_replicas}
+
     @model_validator(mode="after")
     def _check(self):
         if self.max_ongoing_requests < self.max_batch_size:

@@ -155,15 +155,13 @@ def _transformers_app(spec, folder: str, keys: list[str], gpus: float):
     from llm_dist.serve.app import LLMServer
 
     s = spec.serve
-    scaling = ({"autoscaling_config": s.autoscaling.model_dump()} if s.autoscaling
-               else {"num_replicas": s.num_replicas})  # fmt: skip
     hashes = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
     limits = s.model_dump(include={"max_tokens", "max_prompt_tokens", "max_batch_size",
                                    "batch_wait_timeout_s"})  # fmt: skip
     return LLMServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": gpus},
         max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
-        backpressure_config={"status_code": s.overload_status}, **scaling,
+        backpressure_config={"status_code": s.overload_status}, **s.scaling(),
     ).bind(folder, spec.name, hashes, limits)  # fmt: skip
 
 
@@ -177,8 +175,6 @@ def _vllm_app(spec, folder: str):
             "`pip install 'llm-dist[vllm]'` on every GPU node, or use engine: transformers"
         ) from None
     s = spec.serve
-    scaling = ({"autoscaling_config": s.autoscaling.model_dump()} if s.autoscaling
-               else {"num_replicas": s.num_replicas})  # fmt: skip
     source = {"bucket_uri": folder} if "://" in folder else folder
     return build_openai_app({"llm_configs": [LLMConfig(
         model_loading_config={"model_id": spec.name, "model_source": source},
@@ -187,5 +183,5 @@ def _vllm_app(spec, folder: str):
                        "max_num_seqs": s.max_batch_size,
                        "tensor_parallel_size": max(1, int(s.gpus_per_replica or 1))},
         deployment_config={"max_ongoing_requests": s.max_ongoing_requests,
-                           "max_queued_requests": s.max_queued_requests, **scaling},
+                           "max_queued_requests": s.max_queued_requests, **s.scaling()},
     )]})  # fmt: skip
