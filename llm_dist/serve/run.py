@@ -51,7 +51,7 @@ def deploy(spec, run: str) -> dict:
     import ray
     from ray import serve
 
-    from llm_dist.cluster import connect
+    from llm_dist.cluster import connect, ensure_room
     from llm_dist.model import check_folder
 
     s = spec.serve
@@ -63,10 +63,12 @@ def deploy(spec, run: str) -> dict:
     if spec.cluster.address is None and not ray.is_initialized():
         _check_port(s.host, s.port)  # a fresh embedded Ray: nothing of ours holds it yet
     connect(spec)
+    gpus = s.gpus_per_replica
+    if gpus is None:  # vLLM needs a GPU; transformers uses one when the cluster has any
+        gpus = 1 if s.engine == "vllm" or ray.cluster_resources().get("GPU", 0) > 0 else 0
+    replicas = s.autoscaling.min_replicas if s.autoscaling else s.num_replicas
+    ensure_room(spec, "serve replicas", {"CPU": s.cpus_per_replica, "GPU": gpus}, replicas)
     if s.engine == "transformers":
-        gpus = s.gpus_per_replica
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         app = _transformers_app(spec, folder, keys, gpus)
     started = time.monotonic()
     serve.start(http_options={"host": s.host, "port": s.port})

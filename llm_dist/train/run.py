@@ -15,7 +15,7 @@ def run_stage(spec, run: str) -> dict:
     """Pretrain (or resume pretraining) the spec's model; returns the outputs for the manifest."""
     from ray.util.queue import Queue
 
-    from llm_dist.cluster import connect
+    from llm_dist.cluster import connect, ensure_room, worker_resources
     from llm_dist.data.prepare import prepare
     from llm_dist.train.checkpoint import committed
 
@@ -42,6 +42,8 @@ def run_stage(spec, run: str) -> dict:
                 f"pretrain.num_workers: {meta['world_size']}, or start afresh under a new name"
             )
     connect(spec)
+    ensure_room(spec, "pretrain.num_workers", worker_resources(spec), p.num_workers,
+                spec.cluster.placement_strategy)  # fmt: skip
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = make_trainer(spec, f"{run}/pretrain", data["prepared"], queue=queue)
     outcome: dict = {}
@@ -65,13 +67,10 @@ def make_trainer(spec, out: str, prepared: str, queue=None, method=None, callbac
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from llm_dist.cluster import use_gpu
+    from llm_dist.cluster import use_gpu, worker_resources
     from llm_dist.train.loop import train_loop
 
-    p, gpu = spec.pretrain, use_gpu(spec)
-    resources = {"CPU": spec.cluster.cpus_per_worker}
-    if gpu:
-        resources["GPU"] = spec.cluster.gpus_per_worker
+    p, gpu, resources = spec.pretrain, use_gpu(spec), worker_resources(spec)
     config = {"spec": spec.model_dump(mode="json"), "out": out, "prepared": prepared,
               "queue": queue, "nan_at": _injected_nans(), "method": method,
               "test": method is None}  # fmt: skip

@@ -25,7 +25,7 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
     import ray
     from pyarrow import fs
 
-    from llm_dist.cluster import connect
+    from llm_dist.cluster import connect, ensure_room, worker_resources
     from llm_dist.manifest import filesystem
     from llm_dist.tune.task import prepare_task
     from llm_dist.tune.winner import pick_winner
@@ -47,6 +47,9 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
                 f"sweep needs at least {least} (tune.num_workers is {t.num_workers}): {fix}"
             )
     connect(spec)
+    # one trial must fit; the autoscaler adds nodes for more as Tune asks for them
+    ensure_room(spec, "tune.num_workers", worker_resources(spec), t.num_workers,
+                spec.cluster.placement_strategy)  # fmt: skip
     sweep = f"{run}/tune/sweep"
     filesys, path = filesystem(sweep)
     exists = filesys.get_file_info(path).type != fs.FileType.NotFound
