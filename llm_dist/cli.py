@@ -18,7 +18,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def spec_verb(name: str, help: str, parent=verbs) -> argparse.ArgumentParser:
         p = parent.add_parser(name, help=help, description=help)
-        p.add_argument("spec", metavar="SPEC", help="the job spec (YAML)")
+        p.add_argument(
+            "spec", metavar="SPEC", help="the job spec (YAML; - reads it from standard input)"
+        )
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a spec field, e.g. pretrain.zero_stage=3")  # fmt: skip
         return p

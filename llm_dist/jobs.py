@@ -1,9 +1,11 @@
 """submit / status / logs / stop: a spec run as a Ray job through the Ray Jobs API.
 
-The job's working_dir is a fresh folder holding only the effective spec (`spec.yaml`: every
-default and `--set` applied, `cluster.address: auto`), and this llm_dist package travels with
-it (`py_modules`), so the cluster runs the code that submitted it; its nodes need llm-dist's
-dependencies installed. The Ray auth token comes from RAY_AUTH_TOKEN, the file named by
+The job's entrypoint carries the effective spec (every default and `--set` applied,
+`cluster.address: auto`) to `llm-dist run -` on its standard input, and this llm_dist package
+travels with it (`py_modules`), so the cluster runs the code that submitted it; its nodes need
+llm-dist's dependencies installed. There is no working_dir: Ray re-extracts a job's
+working_dir whenever another node on the same disk fetches it, pulling it from under the
+running driver. The Ray auth token comes from RAY_AUTH_TOKEN, the file named by
 RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, and only ever goes into a request header.
 """
 
@@ -15,9 +17,8 @@ from llm_dist.base import UserError
 
 def submit(spec, address: str) -> str:
     """Submit `spec` to the cluster at `address`; returns the job id."""
-    import tempfile
-
-    import yaml
+    import json
+    import shlex
 
     import llm_dist
 
@@ -30,12 +31,10 @@ def submit(spec, address: str) -> str:
         )
     effective = spec.model_dump(mode="json")
     effective["cluster"]["address"] = "auto"  # the job's driver joins the cluster it runs on
-    staging = Path(tempfile.mkdtemp(prefix="llm-dist-job-"))
-    (staging / "spec.yaml").write_text(yaml.safe_dump(effective, sort_keys=False))
     client = _client(address)
     job_id = _call(address, None, lambda: client.submit_job(
-        entrypoint="python -m llm_dist.cli run spec.yaml",
-        runtime_env={"working_dir": str(staging), "env_vars": spec.cluster.env,
+        entrypoint=f"printf %s {shlex.quote(json.dumps(effective))} | python -m llm_dist.cli run -",
+        runtime_env={"env_vars": spec.cluster.env,
                      "py_modules": [str(Path(llm_dist.__file__).parent)]},
         metadata={"llm_dist_run": spec.name},
     ))  # fmt: skip

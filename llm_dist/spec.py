@@ -2,6 +2,7 @@
 
 import difflib
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -136,10 +137,13 @@ def _model_problems(spec: JobSpec) -> list[str]:
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
-    """Read a YAML spec, apply `dotted.key=value` overrides, validate; every problem in one UserError."""
+    """Read a YAML spec (`-`: standard input), apply `dotted.key=value` overrides, validate.
+
+    Every problem comes in one UserError.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
     except FileNotFoundError:
         raise UserError(f"spec file not found: {path}") from None
     except OSError as e:

@@ -69,6 +69,24 @@ def tiny_base(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def task(tmp_path_factory) -> str:
+    """Signature -> docstring pairs of a few standard-library modules, `source` per module."""
+    import ast
+    import sysconfig
+
+    from llm_dist.data.stdlib import _signature_docstrings
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    path = tmp_path_factory.mktemp("task") / "pairs.jsonl"
+    with open(path, "w") as f:
+        for module in STDLIB_MODULES:
+            for prompt, response in _signature_docstrings(ast.parse((lib / module).read_text())):
+                f.write(json.dumps({"prompt": prompt, "response": response, "source": module}))
+                f.write("\n")
+    return str(path)
+
+
 STDLIB_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "shlex.py",
                   "argparse.py", "calendar.py", "fractions.py", "statistics.py", "difflib.py",
                   "ftplib.py", "gettext.py", "imaplib.py", "mailbox.py", "pprint.py", "random.py",

@@ -59,6 +59,18 @@ def test_validate_print_round_trips_with_overrides(tmp_path):
     assert again.stdout == out.stdout
 
 
+def test_a_spec_on_standard_input_as_a_submitted_job_sends_it():
+    """`submit` pipes the effective spec, as JSON, to `run -`: the same spec comes out."""
+    import json
+
+    effective = yaml.safe_load(cli("validate", str(QUICKSTART), "--print").stdout)
+    out = subprocess.run([sys.executable, "-m", "llm_dist.cli", "validate", "-", "--print"],
+                         input=json.dumps(effective), capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout) == effective
+
+
 def test_missing_file():
     out = cli("validate", "no/such/spec.yaml")
     assert out.returncode == 2

@@ -1,19 +1,7 @@
-"""submit / status / logs / stop against a real Ray head (`ray start --head`, token auth on).
-
-The head is this module's own: its ports are free ones on 127.0.0.1, its token a fresh one,
-and it is stopped by killing its process group, so the session's other Ray is left alone.
-"""
+"""submit / status / logs / stop against a real Ray head (`ray start --head`, token auth on)."""
 
 import json
-import os
 import re
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,67 +9,15 @@ from pathlib import Path
 
 import pytest
 from conftest import STDLIB_MODULES
+from ray_head import cli, ray_head, wait_for
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    token = secrets.token_hex(32)
-    dashboard = free_port()
-    # its own temp folder: `ray start` records itself there (ray_current_cluster), and a
-    # plain ray.init() elsewhere on this machine would otherwise try to join it
-    tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_TMPDIR": tmp,
-           "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
-    log_path = tmp_path_factory.mktemp("head") / "head.log"
-    with open(log_path, "w") as log:
-        ports = ["--port", "--dashboard-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
-                 "--ray-client-server-port", "--node-manager-port", "--object-manager-port"]  # fmt: skip
-        args = [f"{p}={dashboard if p == '--dashboard-port' else free_port()}" for p in ports]
-        proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={tmp}/ray", *args],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                request = urllib.request.Request(f"{address}/api/jobs/",
-                                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
-                urllib.request.urlopen(request, timeout=2).close()
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"the Ray head did not come up; see {log_path}")
-        yield {"address": address, "token": token}
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def cli(*args, token: str | None, home: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    if token:
-        env["RAY_AUTH_TOKEN"] = token
-    if home:  # no ~/.ray/auth_token to fall back on
-        env["HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "llm_dist.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    with ray_head(tmp_path_factory.mktemp("head"), num_cpus=4) as running:
+        yield running
 
 
 def write_spec(root: Path, max_steps: int) -> Path:
@@ -103,18 +39,6 @@ pretrain: {{num_workers: 2, zero_stage: 2, precision: fp32, micro_batch_size: 4,
            checkpoint_every: 1000}}
 """)
     return spec
-
-
-def wait_for(head, job_id: str, states: set[str], seconds: float) -> str:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        out = cli("status", job_id, "--address", head["address"], token=head["token"])
-        assert out.returncode == 0, out.stderr
-        state = out.stdout.split(":")[1].split()[0]
-        if state in states:
-            return state
-        time.sleep(2)
-    raise AssertionError(f"{job_id} not in {states} after {seconds} s: {out.stdout}")
 
 
 def test_a_submitted_spec_runs_and_its_logs_show_the_final_loss(head, tmp_path):

@@ -21,23 +21,6 @@ from llm_dist.tune.run import run_stage
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory) -> str:
-    """Signature -> docstring pairs of a few standard-library modules, `source` per module."""
-    import ast
-
-    from llm_dist.data.stdlib import _signature_docstrings
-
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    path = tmp_path_factory.mktemp("task") / "pairs.jsonl"
-    with open(path, "w") as f:
-        for module in MODULES:
-            for prompt, response in _signature_docstrings(ast.parse((lib / module).read_text())):
-                f.write(json.dumps({"prompt": prompt, "response": response, "source": module}))
-                f.write("\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def base(tiny_base) -> str:
     return tiny_base
 
@@ -189,7 +172,9 @@ def test_an_interrupted_sweep_resumes(ray_session, tmp_path, task, base):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("problem", ["missing base", "other vocabulary", "no usable records"])
+@pytest.mark.parametrize(
+    "problem", ["missing base", "other vocabulary", "no usable records", "too long for the base"]
+)
 def test_bad_input_fails_before_any_trial(ray_session, tmp_path, task, base, problem):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -207,6 +192,10 @@ def test_bad_input_fails_before_any_trial(ray_session, tmp_path, task, base, pro
                 (other / name).write_bytes((Path(base) / name).read_bytes())
         spec = spec_for(tmp_path, task, str(other), search_space={"lr": {"choice": [1e-3]}})
         expected = "has 100 token embeddings but its tokenizer has 512 tokens"
+    elif problem == "too long for the base":  # data.seq_len is what trials train at
+        spec = spec_for(tmp_path, task, base, search_space={"lr": {"choice": [1e-3]}})
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"seq_len": 256})})
+        expected = rf"tune: with the base model {base}: data.seq_len: 256 exceeds the model's max_position_embeddings \(128\)"
     else:
         bad = tmp_path / "bad.jsonl"
         bad.write_text("".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n"

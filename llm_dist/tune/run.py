@@ -24,9 +24,11 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
     """Run (or resume) the sweep, pick and score the winner; returns winner.json's content."""
     import ray
     from pyarrow import fs
+    from pydantic import ValidationError
 
     from llm_dist.cluster import connect, ensure_room, worker_resources
     from llm_dist.manifest import filesystem
+    from llm_dist.spec import JobSpec
     from llm_dist.tune.task import prepare_task
     from llm_dist.tune.winner import pick_winner
 
@@ -36,6 +38,10 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
         _report_done(done)
         return done
     base = _base_model(spec, run)
+    connect(spec)  # before Ray Data reads the task, which would start a default Ray
+    # one trial must fit; the autoscaler adds nodes for more as Tune asks for them
+    ensure_room(spec, "tune.num_workers", worker_resources(spec), t.num_workers,
+                spec.cluster.placement_strategy)  # fmt: skip
     task = prepare_task(spec, base)  # a clear error here, before any trial starts
     for split, least in (("train", t.num_workers), ("val", t.num_workers), ("test", 1)):
         if task["sequences"][split] < least:
@@ -46,10 +52,12 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
                 f"tune.task: the {split} split has {task['sequences'][split]} records; the "
                 f"sweep needs at least {least} (tune.num_workers is {t.num_workers}): {fix}"
             )
-    connect(spec)
-    # one trial must fit; the autoscaler adds nodes for more as Tune asks for them
-    ensure_room(spec, "tune.num_workers", worker_resources(spec), t.num_workers,
-                spec.cluster.placement_strategy)  # fmt: skip
+    first = trial_spec(spec, {k: getattr(t, k) for k in TUNABLE}, base, task["sequences"]["val"])
+    try:  # what each trial's workers check, with the base model in place of `model`
+        JobSpec.model_validate(first.model_dump(mode="json"))
+    except ValidationError as e:
+        problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise UserError(f"tune: with the base model {base}: {problems}") from None
     sweep = f"{run}/tune/sweep"
     filesys, path = filesystem(sweep)
     exists = filesys.get_file_info(path).type != fs.FileType.NotFound
