@@ -44,8 +44,7 @@ def submit(spec, address: str) -> str:
 def status(job_id: str, address: str) -> dict:
     client = _client(address)
     info = _call(address, job_id, lambda: client.get_job_info(job_id))
-    return {"status": str(info.status.value), "message": info.message or "",
-            "entrypoint": info.entrypoint}  # fmt: skip
+    return {"status": str(info.status.value), "message": info.message or ""}
 
 
 def logs(job_id: str, address: str, follow: bool) -> None:
