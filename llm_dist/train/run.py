@@ -67,10 +67,11 @@ def make_trainer(spec, out: str, prepared: str, queue=None, method=None, callbac
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from llm_dist.cluster import use_gpu, worker_resources
+    from llm_dist.cluster import worker_resources
     from llm_dist.train.loop import train_loop
 
-    p, gpu, resources = spec.pretrain, use_gpu(spec), worker_resources(spec)
+    p, resources = spec.pretrain, worker_resources(spec)
+    gpu = "GPU" in resources  # worker_resources asks for GPUs exactly when they are used
     config = {"spec": spec.model_dump(mode="json"), "out": out, "prepared": prepared,
               "queue": queue, "nan_at": _injected_nans(), "method": method,
               "test": method is None}  # fmt: skip
