@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import STDLIB_MODULES as MODULES
+from ray.tune.schedulers import FIFOScheduler
 
 from llm_dist.base import UserError
 from llm_dist.spec import JobSpec
@@ -94,6 +95,53 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
             assert evals == [0, 5, 10, 15, 20]
     # a finished sweep is reported, not rerun
     assert run_stage(spec, str(run))["trial_id"] == winner["trial_id"]
+
+
+class StopAtTheFinalReport(FIFOScheduler):
+    """A Tune scheduler that stops every trial at its final report (as ASHA does at max_t, but
+    always), noting which files the trial's folder held at that moment."""
+
+    def __init__(self, trials: Path, max_steps: int):
+        super().__init__()
+        self.trials, self.max_steps, self.held = trials, max_steps, {}
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if result.get("step", 0) < self.max_steps:
+            return self.CONTINUE
+        self.held[trial.trial_id] = {p.name for p in (self.trials / trial.trial_id).iterdir()}
+        return self.STOP
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_at_its_final_report_is_whole(ray_session, tmp_path, task, base,
+                                                       monkeypatch):  # fmt: skip
+    """Whatever a scheduler decides at a trial's last report, a trial that trained to its
+    budget has its export and result.json: they are written before that report."""
+    from transformers import AutoModelForCausalLM
+
+    spec = spec_for(tmp_path, task, base, scheduler="fifo", max_steps=10,
+                    search_space={"method": {"grid": ["lora", "full"]}})  # fmt: skip
+    run = tmp_path / "t"
+    scheduler = StopAtTheFinalReport(run / "tune" / "trials", 10)
+    monkeypatch.setattr("llm_dist.tune.run._scheduler", lambda t: scheduler)
+    winner = run_stage(spec, str(run))
+
+    table = results(run)
+    assert scheduler.held.keys() == {r["trial_id"] for r in table}  # both stopped at step 10
+    for trial, held in scheduler.held.items():
+        assert {"export", "result.json"} <= held
+        # Why, whatever the timing: rank 0 uploads its file of the final checkpoint inside
+        # that report, after it wrote the export and result.json (an upload sets the mtime).
+        folder = run / "tune" / "trials" / trial
+        final = sorted((folder / "checkpoints").glob("step-*"))[-1]
+        assert final.name.startswith("step-00000010-")
+        written = [folder / "result.json", *(folder / "export").iterdir()]
+        assert (final / "worker-0.pt").stat().st_mtime_ns > max(
+            f.stat().st_mtime_ns for f in written
+        )
+    assert [(r["status"], r["step"]) for r in table] == [("finished", "10")] * 2
+    assert winner["trials"] == {"finished": 2, "stopped early": 0, "failed": 0}
+    assert AutoModelForCausalLM.from_pretrained(winner["export"], local_files_only=True)
 
 
 @pytest.mark.slow

@@ -26,11 +26,14 @@ from llm_dist.manifest import filesystem, read_json, write_json
 log = logging.getLogger("llm_dist.checkpoint")
 
 
-def save(engine, state: dict, ledger: np.ndarray, root: str, metrics: dict) -> str:
+def save(engine, state: dict, ledger: np.ndarray, root: str, metrics: dict,
+         before_report=None) -> str:  # fmt: skip
     """Every rank: write its shard, report it to Ray Train, then rank 0 commits the manifest.
 
     `state` is the loop's progress (step, epoch, ...); `ledger` this rank's (step, id) rows
-    of the current epoch. Returns the checkpoint's folder.
+    of the current epoch; `before_report`, called on every rank once its shard is written,
+    does the work that must be done before the report (a Tune scheduler may stop the run at
+    it). Returns the checkpoint's folder.
     """
     import ray.train
     import torch
@@ -47,6 +50,8 @@ def save(engine, state: dict, ledger: np.ndarray, root: str, metrics: dict) -> s
             for path in (os.path.join(parent, name) for name in names):
                 with open(path, "rb") as f:
                     files[os.path.relpath(path, tmp)] = _digest(f)
+        if before_report is not None:
+            before_report()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=dir_name[0])  # fmt: skip
     everyone = [None] * world

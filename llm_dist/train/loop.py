@@ -2,7 +2,10 @@
 
 Top to bottom: set up (model, engine, resume), then per micro batch: forward, a NaN check,
 backward, step; per optimizer step: metrics, evaluation and checkpoints every N steps; at the
-end the test split, the HF export and a few sample generations.
+end the test split, the HF export, a few sample generations and `result.json`, and only then
+the final checkpoint. Its report is the last thing a run does: a Tune scheduler may stop a
+trial at any report (ASHA does at `max_t`), so a run that trained to its budget is whole
+before anyone can decide to stop it.
 
 Pretraining and every fine-tuning trial run this same loop. A trial differs only in its
 config: the model is the base folder (`spec.model.path`), `method` wraps it (LoRA adapters or
@@ -141,11 +144,9 @@ def train_loop(config: dict) -> None:
             if step % p.eval_every == 0 or step == p.max_steps:
                 val_loss = _evaluate(engine, val, T, device)
                 _write(logs, step, "eval", {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-            if step % p.checkpoint_every == 0 or step == p.max_steps:
-                # the latest validation figures ride along: Ray Tune's schedulers decide on them
-                metrics = {"step": step, "tokens": state["tokens"], "val_loss": val_loss,
-                           "val_perplexity": None if val_loss is None else math.exp(val_loss)}  # fmt: skip
-                folder = checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root, metrics)
+            if step % p.checkpoint_every == 0 and step < p.max_steps:  # the last one: below
+                folder = checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root,
+                                         _reported(state, val_loss))  # fmt: skip
                 _note(logs, {"event": "checkpoint", "step": step, "checkpoint": folder})
                 logs and logs.publish()
             if step == p.max_steps:
@@ -155,37 +156,45 @@ def train_loop(config: dict) -> None:
             state["epoch"], ledger, consumed = state["epoch"] + 1, [ledger[0][:0]], consumed[:0]
     feed.write_ledger(np.concatenate(ledger), f"{out}/ledger", state["epoch"])
 
-    # ---- the end: the test split once (not in a trial), the HF export, samples
-    test_loss = None
-    if config.get("test", True):
-        test = feed.worker_shard(prepared, "test", rank, world, p.seed, 4 * p.micro_batch_size)
-        test_loss = _evaluate(engine, test.iter_torch_batches(batch_size=p.micro_batch_size), T, device)  # fmt: skip
     if val_loss is None:  # resumed at max_steps: nothing was evaluated in this attempt
         val_loss = _evaluate(engine, val, T, device)
-    samples = []
-    # ZeRO-3: gathers the whole weights on every rank for the save; otherwise a no-op
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+
+    # ---- the end, inside the final checkpoint: its state is written first (the export's LoRA
+    # merge changes the model), its report comes last. A Tune scheduler may stop a trial at any
+    # report (ASHA does at max_t), so the export and result.json must exist before it.
+    def finish() -> None:
+        """The test split once (not in a trial), a few samples, the HF export, result.json."""
+        test_loss = None
+        if config.get("test", True):
+            test = feed.worker_shard(prepared, "test", rank, world, p.seed, 4 * p.micro_batch_size)
+            test_loss = _evaluate(engine, test.iter_torch_batches(batch_size=p.micro_batch_size), T, device)  # fmt: skip
+        samples = []
+        # ZeRO-3: gathers the whole weights on every rank for the save; otherwise a no-op
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            if rank == 0:
+                samples = _samples(engine.module, tokenizer, val, device)
+                # LoRA adapters are merged into the base weights: the export is a plain model
+                merged = getattr(engine.module, "merge_and_unload", lambda: engine.module)()
+
+                def save(folder: str) -> None:
+                    merged.save_pretrained(folder, safe_serialization=True)
+                    tokenizer.save_pretrained(folder)
+
+                save_into(save, f"{out}/export")
+        dist.barrier()
         if rank == 0:
-            samples = _samples(engine.module, tokenizer, val, device)
-            # LoRA adapters are merged into the base weights: the export is a plain model
-            merged = getattr(engine.module, "merge_and_unload", lambda: engine.module)()
+            result = {**state, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+                      "test_loss": test_loss, "export": f"{out}/export", "samples": samples,
+                      "world_size": world, "flops_per_token": flops,
+                      "peak_flops_per_worker": peak, "peak_flops_source": peak_source}  # fmt: skip
+            if test_loss is not None:
+                result["test_ppl"] = math.exp(test_loss)
+                _write(logs, state["step"], "test", {"test_loss": test_loss, "test_ppl": math.exp(test_loss)})  # fmt: skip
+            logs.close()  # metrics.jsonl (uploaded when on object storage) before result.json
+            write_json(out, "result.json", result)
 
-            def save(folder: str) -> None:
-                merged.save_pretrained(folder, safe_serialization=True)
-                tokenizer.save_pretrained(folder)
-
-            save_into(save, f"{out}/export")
-    dist.barrier()
-    if rank == 0:
-        result = {**state, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
-                  "test_loss": test_loss, "export": f"{out}/export", "samples": samples,
-                  "world_size": world, "flops_per_token": flops,
-                  "peak_flops_per_worker": peak, "peak_flops_source": peak_source}  # fmt: skip
-        if test_loss is not None:
-            result["test_ppl"] = math.exp(test_loss)
-            _write(logs, state["step"], "test", {"test_loss": test_loss, "test_ppl": math.exp(test_loss)})  # fmt: skip
-        logs.close()
-        write_json(out, "result.json", result)
+    checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root, _reported(state, val_loss),
+                    before_report=finish)  # fmt: skip
 
 
 def _synced(batches, T: int, device):
@@ -274,6 +283,13 @@ def _samples(model, tokenizer, val, device, prompts: int = 3, new_tokens: int = 
                     "completion": tokenizer.decode(ids[0, prompt.shape[1]:])})  # fmt: skip
     model.train()
     return out
+
+
+def _reported(state: dict, val_loss: float | None) -> dict:
+    """What a checkpoint reports to Ray Train: progress and the latest validation figures,
+    which Ray Tune's schedulers decide on."""
+    return {"step": state["step"], "tokens": state["tokens"], "val_loss": val_loss,
+            "val_perplexity": None if val_loss is None else math.exp(val_loss)}  # fmt: skip
 
 
 def _write(logs, step: int, kind: str, values: dict) -> None:
