@@ -1,6 +1,7 @@
 """The `llm-dist` command: argument parsing only; each verb calls one function."""
 
 import argparse
+import signal
 import sys
 
 from llm_dist import __version__
@@ -71,8 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-dist: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        from llm_dist.cluster import SIGTERM_RECEIVED
+
+        if SIGTERM_RECEIVED.is_set():
+            print("llm-dist: stopped by SIGTERM", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("llm-dist: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()  # an embedded Ray's processes end with this one
 
 
 def _dispatch(args: argparse.Namespace) -> int:

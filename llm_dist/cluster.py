@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Literal
 
@@ -59,6 +61,22 @@ def connect(spec) -> None:
         runtime_env={"env_vars": spec.cluster.env} if spec.cluster.env else None,
         log_to_driver=True,
     )
+    # Ray's driver takes SIGTERM for itself (a stack dump, then exit 15). A container's or a
+    # process manager's stop must do what Ctrl-C does: Tune saves its sweep, a stage tears down.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
+
+
+SIGTERM_RECEIVED = threading.Event()
+"""Set once this process got SIGTERM, which it handles as Ctrl-C (the CLI then exits 143)."""
+
+
+def _sigterm(signum, frame) -> None:
+    SIGTERM_RECEIVED.set()
+    ctrl_c = signal.getsignal(signal.SIGINT)  # Python's KeyboardInterrupt, or Tune's own
+    if not callable(ctrl_c):
+        raise KeyboardInterrupt
+    ctrl_c(signal.SIGINT, frame)
 
 
 def use_gpu(spec) -> bool:

@@ -120,7 +120,7 @@ def start_run(spec) -> str:
 
 
 def update_stage(run: str, stage: str, status: str, **fields: Any) -> None:
-    """Record a stage's status (running, succeeded, failed) and its outputs."""
+    """Record a stage's status (running, succeeded, failed, interrupted) and its outputs."""
     manifest = read_manifest(run) or {"stages": {}}
     entry = manifest["stages"].setdefault(stage, {})
     if status == "running":

@@ -36,7 +36,8 @@ def run(spec, stages: list[str] | None = None, resume: bool = False,
         try:
             outputs = run_stage(spec, stage, folder, resume, keep_serving)
         except BaseException as e:
-            update_stage(folder, stage, "failed", error=f"{type(e).__name__}: {e}")
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            update_stage(folder, stage, status, error=f"{type(e).__name__}: {e}")
             raise
         update_stage(folder, stage, "succeeded", outputs=outputs)
     return folder

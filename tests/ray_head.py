@@ -109,3 +109,28 @@ def wait_for(head, job_id: str, states: set[str], seconds: float) -> str:
             return state
         time.sleep(2)
     raise AssertionError(f"{job_id} not in {states} after {seconds} s: {out.stdout}")
+
+
+def marked(mark: str) -> list[str]:
+    """Live processes whose environment holds LLM_DIST_TEST_MARK=`mark`, as `pid: command`.
+
+    Ray daemonizes what it starts, so what a CLI process left behind is found by what it
+    inherited: Ray's daemons and workers get the environment of the driver that started them.
+    """
+    needle = f"LLM_DIST_TEST_MARK={mark}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:120]!r}")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def no_marked_process_within(mark: str, seconds: float) -> list[str]:
+    """Waits up to `seconds` for every marked process to end; returns those still alive."""
+    deadline = time.monotonic() + seconds
+    while (left := marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left

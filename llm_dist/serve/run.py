@@ -9,7 +9,6 @@ after the test prompt unless `serve.keep_serving` is set.
 import hashlib
 import json
 import os
-import signal
 import socket
 import time
 import urllib.error
@@ -29,21 +28,19 @@ def run_stage(spec, run: str, keep_serving: bool = False) -> dict:
         serve.delete(spec.name)
         print("serve: stopped (set serve.keep_serving, or use `llm-dist serve`, to keep it up)")
     elif spec.cluster.address is None:  # the embedded Ray ends with this process
-        print("serve: serving until Ctrl-C")
-        signal.signal(signal.SIGTERM, _interrupt)  # a process manager's stop is a Ctrl-C too
+        print("serve: serving until Ctrl-C (or SIGTERM)")
         try:
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+            # Deleting the app first lets its replicas finish the requests in flight while the
+            # proxy still carries their responses (new ones get 404); then the proxy goes.
+            serve.delete(spec.name)
             serve.shutdown()
             print("serve: stopped")
     else:
         print(f"serve: {spec.name!r} keeps running on the cluster; `serve shutdown` stops it")
     return outputs
-
-
-def _interrupt(*_):
-    raise KeyboardInterrupt
 
 
 def deploy(spec, run: str) -> dict:

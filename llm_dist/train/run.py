@@ -49,7 +49,12 @@ def run_stage(spec, run: str) -> dict:
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     fit.start()
-    _follow(fit, queue, p.max_steps)
+    try:
+        _follow(fit, queue, p.max_steps)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; the CLI then shuts Ray down
+        print(f"pretrain: interrupted; run the same spec again to resume from its newest "
+              f"checkpoint in {run}/pretrain/checkpoints")  # fmt: skip
+        raise
     fit.join()
     if isinstance(outcome["result"], BaseException):
         raise outcome["result"]
