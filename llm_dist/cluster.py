@@ -96,39 +96,57 @@ def worker_resources(spec) -> dict[str, float]:
     return resources
 
 
-def ensure_room(spec, what: str, bundle: dict, count: int, strategy: str = "PACK") -> None:
+DATA_CPUS = 1.0
+"""CPUs a training stage keeps free beside its workers: Ray Data's read tasks (1 CPU each, by
+default) stream the training data to the workers, and with no CPU free they wait forever."""
+
+
+def ensure_room(spec, what: str, bundle: dict, count: int, strategy: str = "PACK",
+                training: bool = False) -> None:  # fmt: skip
     """Fail now, naming `what` asked for, when the cluster can never hold `count` × `bundle`.
 
     "Never" means: the nodes alive now cannot hold them, placed by `strategy`, and no
     autoscaler can add nodes. With an autoscaler, the nodes are asked for up front and the
     stage waits up to `cluster.scale_up_timeout_s` for them, so it fails instead of pending
-    forever when no node type fits.
+    forever when no node type fits. `training` workers also need `DATA_CPUS` free beside them,
+    and cannot count on what detached actors hold (Serve replicas kept serving, say).
     """
     need = {k: v for k, v in bundle.items() if v}
     if need.get("GPU") and spec.cluster.accelerator_type:  # as Ray Train asks for it
         need[f"accelerator_type:{spec.cluster.accelerator_type}"] = 0.001
-    room = _room(need, strategy)
-    if room >= count:
+    spare = DATA_CPUS if training else 0.0
+
+    def nodes() -> list[dict]:
+        return free_nodes() if training else [n["Resources"] for n in _alive()]
+
+    fits = room(need, strategy, nodes(), spare)
+    if fits >= count:
         return
     ask = f"{what}: {count} × {{{', '.join(f'{k}: {v:g}' for k, v in need.items())}}} ({strategy})"
-    if not _autoscaling(spec):
+    beside = f" beside the {spare:g} CPU Ray Data needs to stream their training data" * training
+    if not autoscaling(spec):
+        fix = "ask for fewer or smaller workers, or add nodes"
+        if training and room(need, strategy, nodes()) >= count:  # they fit, but leave no CPU
+            fix = ("lower cluster.cpus_per_worker (a reservation, not a core: 0.5 lets two workers "
+                   "share one), ask for fewer workers, or add a node")  # fmt: skip
         raise UserError(
-            f"{ask} can never fit this cluster, which has no autoscaler: its nodes hold {room} "
-            f"({_nodes()}); ask for fewer or smaller workers, or add nodes"
+            f"{ask} can never fit this cluster, which has no autoscaler: its nodes "
+            f"({_nodes(training)}) hold {fits}{beside}; {fix}"
         )
     import ray.autoscaler.sdk
 
     timeout = spec.cluster.scale_up_timeout_s
-    print(f"{ask}: the nodes hold {room}; waiting up to {timeout:g} s for the autoscaler")
-    ray.autoscaler.sdk.request_resources(bundles=[need] * count)
+    print(f"{ask}: the nodes hold {fits}{beside}; waiting up to {timeout:g} s for the autoscaler")
+    ray.autoscaler.sdk.request_resources(bundles=[need] * count + [{"CPU": spare}] * training)
     start = time.monotonic()
     try:
-        while (room := _room(need, strategy)) < count:
+        while (fits := room(need, strategy, nodes(), spare)) < count:
             if time.monotonic() - start > timeout:
                 raise UserError(
                     f"{ask}: the autoscaler added no room for them in {timeout:g} s "
-                    f"(cluster.scale_up_timeout_s); the nodes hold {room} ({_nodes()}). "
-                    "Check `ray status` for node types that fit, and their max_workers"
+                    f"(cluster.scale_up_timeout_s); the nodes ({_nodes(training)}) hold "
+                    f"{fits}{beside}. Check `ray status` for node types that fit, and their "
+                    "max_workers"
                 )
             time.sleep(2)
     finally:
@@ -136,31 +154,70 @@ def ensure_room(spec, what: str, bundle: dict, count: int, strategy: str = "PACK
     print(f"{what}: the autoscaler added the nodes in {time.monotonic() - start:.0f} s")
 
 
-def _room(need: dict, strategy: str) -> int:
-    """How many `need` bundles the alive nodes' total resources hold, placed by `strategy`."""
+def room(need: dict, strategy: str, nodes: list[dict], spare: float = 0.0) -> int:
+    """How many `need` bundles `nodes` (resource dicts) hold, placed by `strategy`, when one
+    node also keeps `spare` CPUs free."""
+
+    def count(nodes: list[dict]) -> int:
+        per_node = [min(int(n.get(k, 0) // v) for k, v in need.items()) for n in nodes]
+        if strategy == "STRICT_PACK":
+            return max(per_node, default=0)
+        if strategy == "STRICT_SPREAD":
+            return sum(1 for n in per_node if n)
+        return sum(per_node)
+
+    if not spare:
+        return count(nodes)
+    return max((count([*nodes[:i], {**n, "CPU": n["CPU"] - spare}, *nodes[i + 1:]])
+                for i, n in enumerate(nodes) if n.get("CPU", 0) >= spare), default=0)  # fmt: skip
+
+
+def _alive() -> list[dict]:
     import ray
 
-    per_node = [min(int(n["Resources"].get(k, 0) // v) for k, v in need.items())
-                for n in ray.nodes() if n["Alive"]]  # fmt: skip
-    if strategy == "STRICT_PACK":
-        return max(per_node, default=0)
-    if strategy == "STRICT_SPREAD":
-        return sum(1 for n in per_node if n)
-    return sum(per_node)
+    return [n for n in ray.nodes() if n["Alive"]]
 
 
-def _nodes() -> str:
-    """The alive nodes, counted by shape: `2 × CPU 8 GPU 1, 1 × CPU 0 GPU 0`."""
+def free_nodes() -> list[dict]:
+    """Each alive node's resources less what detached actors on it hold: Serve replicas and
+    other long-lived actors outlive the jobs around them. Needs Ray's state API (the
+    dashboard); without it, nothing is counted as held."""
     from collections import Counter
 
-    import ray
+    from ray.util.state import list_actors
 
-    shapes = Counter(f"CPU {n['Resources'].get('CPU', 0):g} GPU {n['Resources'].get('GPU', 0):g}"
-                     for n in ray.nodes() if n["Alive"])  # fmt: skip
-    return ", ".join(f"{k} × {shape}" for shape, k in shapes.items())
+    held: dict[str, Counter] = {}
+    try:
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000,
+                             raise_on_missing_output=False)  # fmt: skip
+    except Exception:  # no dashboard: the state API is an extra of Ray, not a must
+        actors = []
+    for a in actors:
+        if a.is_detached and a.node_id:
+            held.setdefault(a.node_id, Counter()).update(a.required_resources or {})
+    return [{k: v - held.get(n["NodeID"], {}).get(k, 0) for k, v in n["Resources"].items()}
+            for n in _alive()]  # fmt: skip
 
 
-def _autoscaling(spec) -> bool:
+def _nodes(training: bool = False) -> str:
+    """The alive nodes, counted by shape: `2 × CPU 8 GPU 1, 1 × CPU 0 GPU 0`; for `training`,
+    with what detached actors hold of them."""
+    from collections import Counter
+
+    nodes = [n["Resources"] for n in _alive()]
+    shapes = Counter(f"CPU {n.get('CPU', 0):g} GPU {n.get('GPU', 0):g}" for n in nodes)
+    text = ", ".join(f"{k} × {shape}" for shape, k in shapes.items())
+    if training:
+        free = free_nodes()
+        held = {k: sum(n.get(k, 0) for n in nodes) - sum(n.get(k, 0) for n in free)
+                for k in ("CPU", "GPU")}  # fmt: skip
+        if any(held.values()):
+            text += (", of which detached actors such as Serve replicas hold "
+                     + " ".join(f"{k} {v:g}" for k, v in held.items()))  # fmt: skip
+    return text
+
+
+def autoscaling(spec) -> bool:
     """Whether an autoscaler can add nodes to this cluster (never to the embedded Ray).
 
     Ray publishes no such flag. Autoscaler v2 says so in GCS; v1 reports its node types in its

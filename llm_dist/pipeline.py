@@ -29,9 +29,27 @@ def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bo
 
 def run(spec, stages: list[str] | None = None, resume: bool = False,
         keep_serving: bool = False) -> str:  # fmt: skip
-    """Run `stages` (default: the spec's own list); returns the run folder."""
+    """Run `stages` (default: the spec's own list); returns the run folder.
+
+    On a cluster that no autoscaler grows, the training stages' workers are checked to fit
+    before any stage runs: the stages ahead of them (data) may take hours.
+    """
     folder = start_run(spec)
-    for stage in stages or spec.stages:
+    stages = stages or spec.stages
+    if {"pretrain", "tune"} & set(stages[1:]) and spec.cluster.address:
+        from llm_dist.cluster import autoscaling, connect
+
+        connect(spec)
+        if not autoscaling(spec):
+            if "pretrain" in stages:
+                from llm_dist.train.run import ensure_workers_fit
+
+                ensure_workers_fit(spec)
+            if "tune" in stages:
+                from llm_dist.tune.run import ensure_trials_fit
+
+                ensure_trials_fit(spec)
+    for stage in stages:
         update_stage(folder, stage, "running")
         try:
             outputs = run_stage(spec, stage, folder, resume, keep_serving)

@@ -92,3 +92,28 @@ def test_requests_without_the_token_are_refused(head, tmp_path):
     out = cli("status", "raysubmit_nope", "--address", head["address"], token=head["token"])
     assert out.returncode == 2 and "no job 'raysubmit_nope' on" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_workers_that_take_every_cpu_fail_at_once_instead_of_waiting(tmp_path):
+    """A 2-CPU head and 2 workers × 1 CPU: Ray Data would have no CPU left to stream their
+    data and the job would stay RUNNING forever; it fails at once, naming what to change."""
+    with ray_head(tmp_path, num_cpus=2) as small:
+        start = time.monotonic()
+        out = cli("submit", str(write_spec(tmp_path, 10)), "--address", small["address"],
+                  token=small["token"])  # fmt: skip
+        job_id = re.search(r"submitted (\S+);", out.stdout).group(1)
+        state = wait_for(small, job_id, {"SUCCEEDED", "FAILED", "STOPPED"}, 240)
+        logs = cli("logs", job_id, "--address", small["address"], token=small["token"]).stdout
+    assert state == "FAILED", logs[-3000:]
+    assert (
+        "pretrain.num_workers: 2 × {CPU: 1} (PACK) can never fit this cluster, which has no "
+        "autoscaler: its nodes (1 × CPU 2 GPU 0) hold 1 beside the 1 CPU Ray Data needs to "
+        "stream their training data; lower cluster.cpus_per_worker"
+    ) in logs
+    assert "Traceback" not in logs
+    # before the data stage: on a cluster no autoscaler grows, `run` checks the room first
+    manifest = json.loads((tmp_path / "runs" / "job" / "manifest.json").read_text())
+    assert manifest["stages"] == {}, manifest["stages"]
+    print(
+        f"\n2 workers × 1 CPU on a 2-CPU head: FAILED {time.monotonic() - start:.0f} s after submit"
+    )

@@ -52,9 +52,11 @@ def test_serves_the_winner_else_the_pretrain_export_then_stops(
 def test_overload_is_refused_quickly_and_nothing_hangs(
     ray_session, serve_port, tiny_base, tmp_path
 ):
-    """24 requests at once on 1 ongoing + 2 queued: only 200s and the intended 429s, in bounded time."""
+    """24 requests at once on 1 ongoing + 2 queued: only 200s and the intended 429s, in bounded
+    time; and training workers beside the replica leave it its CPU."""
     from ray import serve
 
+    from llm_dist.cluster import ensure_room
     from llm_dist.serve.run import deploy
 
     spec = spec_for(tmp_path, serve_port, model=tiny_base, max_batch_size=1,
@@ -82,6 +84,14 @@ def test_overload_is_refused_quickly_and_nothing_hangs(
         for t in threads:
             t.join(timeout=90)
         seconds = time.monotonic() - start
+        # Training beside the served model cannot count on its replica's CPU (4 in all): 2
+        # workers and Ray Data's CPU fit in the 3 left, 3 workers fail at once.
+        ensure_room(spec, "pretrain.num_workers", {"CPU": 1}, 2, training=True)
+        with pytest.raises(UserError, match=(
+            r"pretrain.num_workers: 3 × \{CPU: 1\} \(PACK\) can never fit this cluster, which "
+            r"has no autoscaler: its nodes \(1 × CPU 4 GPU 0, of which detached actors such as "
+            r"Serve replicas hold CPU 1 GPU 0\) hold 2 beside the 1 CPU Ray Data needs")):  # fmt: skip
+            ensure_room(spec, "pretrain.num_workers", {"CPU": 1}, 3, training=True)
     finally:
         serve.delete("stage")
     assert len(statuses) == 24 and seconds < 90

@@ -15,7 +15,7 @@ def run_stage(spec, run: str) -> dict:
     """Pretrain (or resume pretraining) the spec's model; returns the outputs for the manifest."""
     from ray.util.queue import Queue
 
-    from llm_dist.cluster import connect, ensure_room, worker_resources
+    from llm_dist.cluster import connect
     from llm_dist.data.prepare import prepare
     from llm_dist.train.checkpoint import committed
 
@@ -24,6 +24,8 @@ def run_stage(spec, run: str) -> dict:
     if done is not None and done["step"] >= p.max_steps:
         _report(done, reused=True)
         return done
+    connect(spec)
+    ensure_workers_fit(spec)
     data = prepare(spec)  # the data stage's output, or made now when missing
     for split, least in (("train", p.num_workers), ("val", p.num_workers), ("test", 1)):
         if data["sequences"][split] < least:
@@ -41,9 +43,6 @@ def run_stage(spec, run: str) -> dict:
                 f"ZeRO shards resume only on the same number of workers: set "
                 f"pretrain.num_workers: {meta['world_size']}, or start afresh under a new name"
             )
-    connect(spec)
-    ensure_room(spec, "pretrain.num_workers", worker_resources(spec), p.num_workers,
-                spec.cluster.placement_strategy)  # fmt: skip
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = make_trainer(spec, f"{run}/pretrain", data["prepared"], queue=queue)
     outcome: dict = {}
@@ -61,6 +60,14 @@ def run_stage(spec, run: str) -> dict:
     result = read_json(f"{run}/pretrain", "result.json")
     _report(result, reused=False)
     return result
+
+
+def ensure_workers_fit(spec) -> None:
+    """`pretrain.num_workers` fit the cluster beside a CPU for Ray Data, or a UserError now."""
+    from llm_dist.cluster import ensure_room, worker_resources
+
+    ensure_room(spec, "pretrain.num_workers", worker_resources(spec), spec.pretrain.num_workers,
+                spec.cluster.placement_strategy, training=True)  # fmt: skip
 
 
 def make_trainer(spec, out: str, prepared: str, queue=None, method=None, callbacks=()):

@@ -22,11 +22,10 @@ TRIAL_CPU = 0.01  # the trial's own process only waits on its trainer; Tune need
 
 def run_stage(spec, run: str, resume: bool = False) -> dict:
     """Run (or resume) the sweep, pick and score the winner; returns winner.json's content."""
-    import ray
     from pyarrow import fs
     from pydantic import ValidationError
 
-    from llm_dist.cluster import connect, ensure_room, worker_resources
+    from llm_dist.cluster import connect
     from llm_dist.manifest import filesystem
     from llm_dist.spec import JobSpec
     from llm_dist.tune.task import prepare_task
@@ -39,9 +38,7 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
         return done
     base = _base_model(spec, run)
     connect(spec)  # before Ray Data reads the task, which would start a default Ray
-    # one trial must fit; the autoscaler adds nodes for more as Tune asks for them
-    ensure_room(spec, "tune.num_workers", worker_resources(spec), t.num_workers,
-                spec.cluster.placement_strategy)  # fmt: skip
+    concurrency = ensure_trials_fit(spec)
     task = prepare_task(spec, base)  # a clear error here, before any trial starts
     for split, least in (("train", t.num_workers), ("val", t.num_workers), ("test", 1)):
         if task["sequences"][split] < least:
@@ -76,7 +73,6 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
             "--resume`, or delete that folder to start over"
         )
     else:
-        concurrency = _concurrency(spec, ray)
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(t.search_space),
@@ -212,18 +208,24 @@ def _scheduler(t):
                          reduction_factor=t.reduction_factor)  # fmt: skip
 
 
-def _concurrency(spec, ray) -> int:
-    """`tune.max_concurrent_trials`, or as many trials as the cluster's CPUs/GPUs hold now."""
-    from llm_dist.cluster import use_gpu
+def ensure_trials_fit(spec) -> int:
+    """How many trials run at once, or a UserError now when even one never can.
 
-    t, c = spec.tune, spec.cluster
+    One trial's workers must fit (the autoscaler adds nodes for more as Tune asks for them);
+    `tune.max_concurrent_trials` of them must fit together, else as many run at once as the
+    nodes hold now. Either way the workers leave a CPU free for Ray Data, which streams their
+    data: trials that took every CPU would wait for it forever.
+    """
+    from llm_dist.cluster import DATA_CPUS, ensure_room, free_nodes, room, worker_resources
+
+    t, bundle = spec.tune, worker_resources(spec)
+    ensure_room(spec, "tune.num_workers", bundle, t.num_workers, spec.cluster.placement_strategy,
+                training=True)  # fmt: skip
     if t.max_concurrent_trials:
+        ensure_room(spec, "tune.max_concurrent_trials × tune.num_workers", bundle,
+                    t.max_concurrent_trials * t.num_workers, training=True)  # fmt: skip
         return t.max_concurrent_trials
-    have = ray.cluster_resources()
-    if use_gpu(spec):
-        return max(1, int(have.get("GPU", 0) // (t.num_workers * c.gpus_per_worker)))
-    # one CPU stays free: Ray Data reads the trials' shards
-    return max(1, int((have.get("CPU", 1) - 1) // (t.num_workers * c.cpus_per_worker)))
+    return max(1, room(bundle, "PACK", free_nodes(), DATA_CPUS) // t.num_workers)
 
 
 def _report_done(winner: dict) -> None:
