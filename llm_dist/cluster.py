@@ -102,19 +102,20 @@ default) stream the training data to the workers, and with no CPU free they wait
 
 
 def ensure_room(spec, what: str, bundle: dict, count: int, strategy: str = "PACK",
-                training: bool = False) -> None:  # fmt: skip
+                spare: float = 0.0) -> None:  # fmt: skip
     """Fail now, naming `what` asked for, when the cluster can never hold `count` × `bundle`.
 
     "Never" means: the nodes alive now cannot hold them, placed by `strategy`, and no
     autoscaler can add nodes. With an autoscaler, the nodes are asked for up front and the
     stage waits up to `cluster.scale_up_timeout_s` for them, so it fails instead of pending
-    forever when no node type fits. `training` workers also need `DATA_CPUS` free beside them,
-    and cannot count on what detached actors hold (Serve replicas kept serving, say).
+    forever when no node type fits. Training workers keep `spare` CPUs free on one node beside
+    them (`DATA_CPUS` at least, for Ray Data), and cannot count on what detached actors hold
+    (Serve replicas kept serving on the cluster, say).
     """
     need = {k: v for k, v in bundle.items() if v}
     if need.get("GPU") and spec.cluster.accelerator_type:  # as Ray Train asks for it
         need[f"accelerator_type:{spec.cluster.accelerator_type}"] = 0.001
-    spare = DATA_CPUS if training else 0.0
+    training = spare > 0
 
     def nodes() -> list[dict]:
         return free_nodes() if training else [n["Resources"] for n in _alive()]
@@ -123,7 +124,9 @@ def ensure_room(spec, what: str, bundle: dict, count: int, strategy: str = "PACK
     if fits >= count:
         return
     ask = f"{what}: {count} × {{{', '.join(f'{k}: {v:g}' for k, v in need.items())}}} ({strategy})"
-    beside = f" beside the {spare:g} CPU Ray Data needs to stream their training data" * training
+    beside = ""
+    if training:
+        beside = f" with {spare:g} CPU left free for Ray Data to stream their training data"
     if not autoscaling(spec):
         fix = "ask for fewer or smaller workers, or add nodes"
         if training and room(need, strategy, nodes()) >= count:  # they fit, but leave no CPU
@@ -137,7 +140,9 @@ def ensure_room(spec, what: str, bundle: dict, count: int, strategy: str = "PACK
 
     timeout = spec.cluster.scale_up_timeout_s
     print(f"{ask}: the nodes hold {fits}{beside}; waiting up to {timeout:g} s for the autoscaler")
-    ray.autoscaler.sdk.request_resources(bundles=[need] * count + [{"CPU": spare}] * training)
+    ray.autoscaler.sdk.request_resources(
+        bundles=[need] * count + ([{"CPU": spare}] if spare else [])
+    )
     start = time.monotonic()
     try:
         while (fits := room(need, strategy, nodes(), spare)) < count:
@@ -159,7 +164,8 @@ def room(need: dict, strategy: str, nodes: list[dict], spare: float = 0.0) -> in
     node also keeps `spare` CPUs free."""
 
     def count(nodes: list[dict]) -> int:
-        per_node = [min(int(n.get(k, 0) // v) for k, v in need.items()) for n in nodes]
+        # a small tolerance: 1.0 // 0.1 is 9 in floating point
+        per_node = [min(math.floor(n.get(k, 0) / v + 1e-9) for k, v in need.items()) for n in nodes]
         if strategy == "STRICT_PACK":
             return max(per_node, default=0)
         if strategy == "STRICT_SPREAD":

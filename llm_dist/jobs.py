@@ -34,7 +34,9 @@ def submit(spec, address: str) -> str:
     client = _client(address)
     job_id = _call(address, None, lambda: client.submit_job(
         entrypoint=f"printf %s {shlex.quote(json.dumps(effective))} | python -m llm_dist.cli run -",
-        runtime_env={"env_vars": spec.cluster.env,
+        # Ray's job supervisor kills the job 3 s after `stop`'s SIGTERM by default; a clean
+        # stop (Tune saving its sweep, Serve draining requests) may need longer
+        runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60", **spec.cluster.env},
                      "py_modules": [str(Path(llm_dist.__file__).parent)]},
         metadata={"llm_dist_run": spec.name},
     ))  # fmt: skip

@@ -1,6 +1,6 @@
 """Runs the stages a spec names, in order, recording each one in the run manifest."""
 
-from llm_dist.manifest import start_run, update_stage
+from llm_dist.manifest import read_json, start_run, update_stage
 
 
 def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bool = False) -> dict:
@@ -31,8 +31,8 @@ def run(spec, stages: list[str] | None = None, resume: bool = False,
         keep_serving: bool = False) -> str:  # fmt: skip
     """Run `stages` (default: the spec's own list); returns the run folder.
 
-    On a cluster that no autoscaler grows, the training stages' workers are checked to fit
-    before any stage runs: the stages ahead of them (data) may take hours.
+    On a cluster that no autoscaler grows, the workers of training stages not yet done are
+    checked to fit before any stage runs: the stages ahead of them (data) may take hours.
     """
     folder = start_run(spec)
     stages = stages or spec.stages
@@ -41,11 +41,11 @@ def run(spec, stages: list[str] | None = None, resume: bool = False,
 
         connect(spec)
         if not autoscaling(spec):
-            if "pretrain" in stages:
+            if "pretrain" in stages and read_json(f"{folder}/pretrain", "result.json") is None:
                 from llm_dist.train.run import ensure_workers_fit
 
                 ensure_workers_fit(spec)
-            if "tune" in stages:
+            if "tune" in stages and read_json(folder, "winner.json") is None:
                 from llm_dist.tune.run import ensure_trials_fit
 
                 ensure_trials_fit(spec)

@@ -56,13 +56,14 @@ def test_more_than_the_nodes_hold_fails_at_once_naming_it(
 def test_training_workers_leave_a_cpu_for_ray_data(ray_session):
     """Workers that would take every CPU leave Ray Data none to stream their data: refused at
     once, naming the fix, instead of a job that stays RUNNING with no progress."""
-    ensure_room(spec(), "pretrain.num_workers", {"CPU": 1}, 3, training=True)  # 3 + 1 for data
+    ensure_room(spec(), "pretrain.num_workers", {"CPU": 1}, 3, spare=1)  # 3 + 1 for data
+    ensure_room(spec(), "pretrain.num_workers", {"CPU": 0.1}, 30, spare=1)  # 30 × 0.1 is 3
     with pytest.raises(UserError) as e:
-        ensure_room(spec(), "pretrain.num_workers", {"CPU": 2}, 2, training=True)
+        ensure_room(spec(), "pretrain.num_workers", {"CPU": 2}, 2, spare=1)
     assert str(e.value) == (
         "pretrain.num_workers: 2 × {CPU: 2} (PACK) can never fit this cluster, which has no "
-        f"autoscaler: its nodes ({NODES}) hold 1 beside the 1 CPU Ray Data needs to stream "
-        "their training data; lower cluster.cpus_per_worker (a reservation, not a core: 0.5 "
+        f"autoscaler: its nodes ({NODES}) hold 1 with 1 CPU left free for Ray Data to "
+        "stream their training data; lower cluster.cpus_per_worker (a reservation, not a core: 0.5 "
         "lets two workers share one), ask for fewer workers, or add a node"
     )
 
@@ -76,14 +77,15 @@ def test_concurrent_trials_leave_a_cpu_for_ray_data(ray_session):
                              "search_space": {"lr": {"choice": [1e-3]}},
                              **tune})  # fmt: skip
 
-    assert ensure_trials_fit(tune_spec(num_workers=2)) == 1  # 2 workers + 1 CPU for data of 4
-    assert ensure_trials_fit(tune_spec(num_workers=1)) == 3
-    assert ensure_trials_fit(tune_spec(num_workers=1, max_concurrent_trials=3)) == 3
+    # 4 CPUs: 1 stays free for Ray Data, 0.01 for each trial's own actor
+    assert ensure_trials_fit(tune_spec(num_workers=2)) == 1
+    assert ensure_trials_fit(tune_spec(num_workers=1)) == 2
+    assert ensure_trials_fit(tune_spec(num_workers=1, max_concurrent_trials=2)) == 2
     with pytest.raises(UserError, match=(
-        r"^tune.max_concurrent_trials × tune.num_workers: 4 × \{CPU: 1\} \(PACK\) can never "
-        r"fit this cluster, which has no autoscaler: its nodes \(1 × CPU 4 GPU 0\) hold 3 "
-        r"beside the 1 CPU Ray Data needs")):  # fmt: skip
-        ensure_trials_fit(tune_spec(num_workers=2, max_concurrent_trials=2))
+        r"^tune.max_concurrent_trials × tune.num_workers: 3 × \{CPU: 1\} \(PACK\) can never "
+        r"fit this cluster, which has no autoscaler: its nodes \(1 × CPU 4 GPU 0\) hold 2 "
+        r"with 1.03 CPU left free for Ray Data")):  # fmt: skip
+        ensure_trials_fit(tune_spec(num_workers=1, max_concurrent_trials=3))
 
 
 def test_an_accelerator_type_the_nodes_lack_is_asked_for_too(ray_session):

@@ -68,9 +68,18 @@ def test_stop_ends_a_running_job(head, tmp_path):
               token=head["token"])  # fmt: skip
     job_id = re.search(r"submitted (\S+);", out.stdout).group(1)
     wait_for(head, job_id, {"RUNNING"}, 120)
+    deadline = time.monotonic() + 300  # stopped while it trains
+    while "step 1/" not in cli("logs", job_id, "--address", head["address"],
+                               token=head["token"]).stdout:  # fmt: skip
+        assert time.monotonic() < deadline
+        time.sleep(2)
     out = cli("stop", job_id, "--address", head["address"], token=head["token"])
     assert out.returncode == 0 and "stop requested" in out.stdout
     assert wait_for(head, job_id, {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
+    logs = cli("logs", job_id, "--address", head["address"], token=head["token"]).stdout
+    assert "pretrain: interrupted; run the same spec again to resume" in logs  # a clean stop,
+    assert "llm-dist: stopped by SIGTERM" in logs  # not Ray's stack dump and a kill
+    assert "SIGTERM received" not in logs
     out = cli("stop", job_id, "--address", head["address"], token=head["token"])
     assert out.returncode == 0 and "already ended" in out.stdout
 
@@ -107,7 +116,7 @@ def test_workers_that_take_every_cpu_fail_at_once_instead_of_waiting(tmp_path):
     assert state == "FAILED", logs[-3000:]
     assert (
         "pretrain.num_workers: 2 × {CPU: 1} (PACK) can never fit this cluster, which has no "
-        "autoscaler: its nodes (1 × CPU 2 GPU 0) hold 1 beside the 1 CPU Ray Data needs to "
+        "autoscaler: its nodes (1 × CPU 2 GPU 0) hold 1 with 1 CPU left free for Ray Data to "
         "stream their training data; lower cluster.cpus_per_worker"
     ) in logs
     assert "Traceback" not in logs

@@ -86,12 +86,12 @@ def test_overload_is_refused_quickly_and_nothing_hangs(
         seconds = time.monotonic() - start
         # Training beside the served model cannot count on its replica's CPU (4 in all): 2
         # workers and Ray Data's CPU fit in the 3 left, 3 workers fail at once.
-        ensure_room(spec, "pretrain.num_workers", {"CPU": 1}, 2, training=True)
+        ensure_room(spec, "pretrain.num_workers", {"CPU": 1}, 2, spare=1)
         with pytest.raises(UserError, match=(
             r"pretrain.num_workers: 3 × \{CPU: 1\} \(PACK\) can never fit this cluster, which "
             r"has no autoscaler: its nodes \(1 × CPU 4 GPU 0, of which detached actors such as "
-            r"Serve replicas hold CPU 1 GPU 0\) hold 2 beside the 1 CPU Ray Data needs")):  # fmt: skip
-            ensure_room(spec, "pretrain.num_workers", {"CPU": 1}, 3, training=True)
+            r"Serve replicas hold CPU 1 GPU 0\) hold 2 with 1 CPU left free for Ray Data")):  # fmt: skip
+            ensure_room(spec, "pretrain.num_workers", {"CPU": 1}, 3, spare=1)
     finally:
         serve.delete("stage")
     assert len(statuses) == 24 and seconds < 90

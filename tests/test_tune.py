@@ -124,7 +124,9 @@ def test_a_trial_stopped_at_its_final_report_is_whole(ray_session, tmp_path, tas
     run = tmp_path / "t"
     scheduler = StopAtTheFinalReport(run / "tune" / "trials", 10)
     monkeypatch.setattr("llm_dist.tune.run._scheduler", lambda t: scheduler)
+    ctrl_c = signal.getsignal(signal.SIGINT)
     winner = run_stage(spec, str(run))
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # Tune's own handler is not left behind
 
     table = results(run)
     assert scheduler.held.keys() == {r["trial_id"] for r in table}  # both stopped at step 10

@@ -2,10 +2,10 @@
 
 Top to bottom: set up (model, engine, resume), then per micro batch: forward, a NaN check,
 backward, step; per optimizer step: metrics, evaluation and checkpoints every N steps; at the
-end the test split, the HF export, a few sample generations and `result.json`, and only then
-the final checkpoint. Its report is the last thing a run does: a Tune scheduler may stop a
-trial at any report (ASHA does at `max_t`), so a run that trained to its budget is whole
-before anyone can decide to stop it.
+end the final checkpoint's shard, then the test split, the HF export, a few sample generations
+and `result.json`, and only then that checkpoint's report. The report is the last thing a run
+does: a Tune scheduler may stop a trial at any report (ASHA does at `max_t`), so a run that
+trained to its budget is whole before anyone can decide to stop it.
 
 Pretraining and every fine-tuning trial run this same loop. A trial differs only in its
 config: the model is the base folder (`spec.model.path`), `method` wraps it (LoRA adapters or
@@ -190,11 +190,15 @@ def train_loop(config: dict) -> None:
             if test_loss is not None:
                 result["test_ppl"] = math.exp(test_loss)
                 _write(logs, state["step"], "test", {"test_loss": test_loss, "test_ppl": math.exp(test_loss)})  # fmt: skip
-            logs.close()  # metrics.jsonl (uploaded when on object storage) before result.json
+            logs.publish()  # metrics.jsonl, when on object storage, before result.json
             write_json(out, "result.json", result)
 
-    checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root, _reported(state, val_loss),
-                    before_report=finish)  # fmt: skip
+    # The local disk holds the checkpoint's shard and the export at once while `finish` runs.
+    folder = checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root,
+                             _reported(state, val_loss), before_report=finish)  # fmt: skip
+    _note(logs, {"event": "checkpoint", "step": state["step"], "checkpoint": folder})
+    if logs is not None:
+        logs.close()
 
 
 def _synced(batches, T: int, device):

@@ -64,10 +64,10 @@ def run_stage(spec, run: str) -> dict:
 
 def ensure_workers_fit(spec) -> None:
     """`pretrain.num_workers` fit the cluster beside a CPU for Ray Data, or a UserError now."""
-    from llm_dist.cluster import ensure_room, worker_resources
+    from llm_dist.cluster import DATA_CPUS, ensure_room, worker_resources
 
     ensure_room(spec, "pretrain.num_workers", worker_resources(spec), spec.pretrain.num_workers,
-                spec.cluster.placement_strategy, training=True)  # fmt: skip
+                spec.cluster.placement_strategy, spare=DATA_CPUS)  # fmt: skip
 
 
 def make_trainer(spec, out: str, prepared: str, queue=None, method=None, callbacks=()):

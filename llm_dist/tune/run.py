@@ -9,6 +9,8 @@ Tune's own state in `<run>/tune/sweep/`, which `llm-dist tune SPEC --resume` res
 
 import math
 import os
+import signal
+import threading
 import time
 
 from ray import tune  # this module is imported only when the tune stage runs
@@ -89,8 +91,12 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
                 callbacks=[_Completed(f"{run}/tune")],
             ),
         )  # fmt: skip
-    start = time.perf_counter()
-    results = tuner.fit()
+    start, ctrl_c = time.perf_counter(), signal.getsignal(signal.SIGINT)
+    try:
+        results = tuner.fit()
+    finally:  # Tune leaves its own Ctrl-C handler behind, which would swallow the next one
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, ctrl_c)
     seconds = time.perf_counter() - start
     expected = t.num_samples * math.prod(
         len(args) for dim in t.search_space.values() for kind, args in dim.items() if kind == "grid"
@@ -213,19 +219,22 @@ def ensure_trials_fit(spec) -> int:
 
     One trial's workers must fit (the autoscaler adds nodes for more as Tune asks for them);
     `tune.max_concurrent_trials` of them must fit together, else as many run at once as the
-    nodes hold now. Either way the workers leave a CPU free for Ray Data, which streams their
-    data: trials that took every CPU would wait for it forever.
+    nodes hold now. Either way a CPU stays free for Ray Data, which streams the trials' data
+    (trials that took every CPU would wait for it forever), beside the trials' own actors.
     """
     from llm_dist.cluster import DATA_CPUS, ensure_room, free_nodes, room, worker_resources
 
     t, bundle = spec.tune, worker_resources(spec)
     ensure_room(spec, "tune.num_workers", bundle, t.num_workers, spec.cluster.placement_strategy,
-                training=True)  # fmt: skip
+                spare=DATA_CPUS + TRIAL_CPU)  # fmt: skip
     if t.max_concurrent_trials:
         ensure_room(spec, "tune.max_concurrent_trials × tune.num_workers", bundle,
-                    t.max_concurrent_trials * t.num_workers, training=True)  # fmt: skip
+                    t.max_concurrent_trials * t.num_workers,
+                    spare=DATA_CPUS + TRIAL_CPU * t.max_concurrent_trials)  # fmt: skip
         return t.max_concurrent_trials
-    return max(1, room(bundle, "PACK", free_nodes(), DATA_CPUS) // t.num_workers)
+    nodes = free_nodes()
+    most = room(bundle, "PACK", nodes, DATA_CPUS) // t.num_workers
+    return max(1, room(bundle, "PACK", nodes, DATA_CPUS + TRIAL_CPU * most) // t.num_workers)
 
 
 def _report_done(winner: dict) -> None:
