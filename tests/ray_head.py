@@ -111,6 +111,22 @@ def wait_for(head, job_id: str, states: set[str], seconds: float) -> str:
     raise AssertionError(f"{job_id} not in {states} after {seconds} s: {out.stdout}")
 
 
+def cli_in_background(verb: str, spec, folder: Path) -> tuple[subprocess.Popen, str, Path]:
+    """`llm-dist VERB` on `spec` (a JobSpec, written to `folder`) in the background, on its own
+    embedded Ray; returns the process, the LLM_DIST_TEST_MARK every process of it carries (see
+    `marked`), and its log file."""
+    import yaml
+
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    mark, log = secrets.token_hex(8), folder / f"{verb}.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"LLM_DIST_TEST_MARK": mark}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llm_dist.cli", verb, str(path)], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    return proc, mark, log
+
+
 def marked(mark: str) -> list[str]:
     """Live processes whose environment holds LLM_DIST_TEST_MARK=`mark`, as `pid: command`.
 

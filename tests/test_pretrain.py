@@ -267,28 +267,17 @@ def test_object_storage_run_checkpoints_resumes_and_exports(ray_session, s3_serv
 def test_sigterm_stops_training_like_ctrl_c(corpus, tmp_path):
     """SIGTERM (a container's or process manager's stop) to `llm-dist run` mid-training: exit
     143 with the resume hint, without Ray's stack dump, and no process of its Ray left."""
-    import secrets
-    import subprocess
-    import sys
-
-    import yaml
-    from ray_head import no_marked_process_within
+    from ray_head import cli_in_background, no_marked_process_within
 
     spec = spec_for(tmp_path, corpus, max_steps=100_000, log_every=5, checkpoint_every=5)
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    mark = secrets.token_hex(8)  # its own embedded Ray, every process of it marked
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"LLM_DIST_TEST_MARK": mark}
-    with open(tmp_path / "run.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "llm_dist.cli", "run", str(path)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc, mark, log = cli_in_background("run", spec, tmp_path)
     deadline = time.monotonic() + 300
     while not committed(str(tmp_path / "p" / "pretrain" / "checkpoints")):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=60)
-    out = (tmp_path / "run.log").read_text()
+    out = log.read_text()
     assert code == 143, out[-3000:]
     assert (
         "pretrain: interrupted; run the same spec again to resume from its newest checkpoint" in out

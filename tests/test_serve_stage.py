@@ -151,24 +151,15 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(
 def test_sigterm_drains_in_flight_requests_and_leaves_no_ray_process(tiny_base, tmp_path):
     """`llm-dist serve` stopped as a container is (SIGTERM) while a response streams: that
     response ends whole, new connections are refused, exit 0, no process of its Ray left."""
-    import os
-    import secrets
     import signal
 
-    import yaml
-    from ray_head import free_port, no_marked_process_within
+    from ray_head import cli_in_background, free_port, no_marked_process_within
 
     port = free_port()
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec_for(tmp_path, port, model=tiny_base, max_tokens=48)
-                                   .model_dump(mode="json")))  # fmt: skip
-    mark = secrets.token_hex(8)  # its own embedded Ray, every process of it marked
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"LLM_DIST_TEST_MARK": mark}
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "llm_dist.cli", "serve", str(path)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc, mark, log = cli_in_background("serve", spec_for(tmp_path, port, model=tiny_base,
+                                                          max_tokens=48), tmp_path)  # fmt: skip
     deadline = time.monotonic() + 180
-    while "serving until Ctrl-C" not in (tmp_path / "serve.log").read_text():
+    while "serving until Ctrl-C" not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.5)
     body = {"model": "stage", "prompt": "def read_config(path):", "max_tokens": 48,
@@ -186,7 +177,7 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_ray_process(tiny_base, 
     assert rest.rstrip().endswith("data: [DONE]")
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     code = proc.wait(timeout=90)
-    out = (tmp_path / "serve.log").read_text()
+    out = log.read_text()
     assert code == 0, out[-3000:]
     assert "serve: stopped" in out
     assert "SIGTERM received" not in out  # Ray's own handler: a stack dump, then exit 15

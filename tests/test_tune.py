@@ -4,8 +4,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 import sysconfig
 import threading
 import time
@@ -190,28 +188,19 @@ def test_optuna_sweep_survives_a_failing_trial(ray_session, tmp_path, task, base
 def test_a_sweep_stopped_by_sigterm_resumes(ray_session, tmp_path, task, base):
     """SIGTERM (a container's stop) to `llm-dist tune` mid-trial acts as Ctrl-C: Tune saves the
     sweep, the process exits 143 with no Ray process left, and `--resume` finishes the sweep."""
-    import secrets
-
-    import yaml
-    from ray_head import no_marked_process_within
+    from ray_head import cli_in_background, no_marked_process_within
 
     spec = spec_for(tmp_path, task, base, scheduler="fifo", method="lora",
                     max_concurrent_trials=1, search_space={"lr": {"grid": [1e-3, 3e-3]}})  # fmt: skip
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     run = tmp_path / "t"
-    mark = secrets.token_hex(8)  # its own embedded Ray, every process of it marked
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"LLM_DIST_TEST_MARK": mark}
-    log = open(tmp_path / "tune.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "llm_dist.cli", "tune", str(path)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc, mark, log = cli_in_background("tune", spec, tmp_path)
     deadline = time.monotonic() + 300
     while not list((run / "tune" / "trials").glob("*/checkpoints/*/checkpoint.json")):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 143, (tmp_path / "tune.log").read_text()[-3000:]
-    out = (tmp_path / "tune.log").read_text()
+    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    out = log.read_text()
     assert "continue it with `llm-dist tune SPEC --resume`" in out
     assert "SIGTERM received" not in out  # Ray's own handler: a stack dump, then exit 15
     assert no_marked_process_within(mark, 30) == []
