@@ -159,9 +159,8 @@ def train_loop(config: dict) -> None:
     if val_loss is None:  # resumed at max_steps: nothing was evaluated in this attempt
         val_loss = _evaluate(engine, val, T, device)
 
-    # ---- the end, inside the final checkpoint: its state is written first (the export's LoRA
-    # merge changes the model), its report comes last. A Tune scheduler may stop a trial at any
-    # report (ASHA does at max_t), so the export and result.json must exist before it.
+    # ---- the end, inside the final checkpoint (see the module docstring): its state is written
+    # first, since the export's LoRA merge changes the model; its report comes last.
     def finish() -> None:
         """The test split once (not in a trial), a few samples, the HF export, result.json."""
         test_loss = None
