@@ -106,7 +106,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         counts = collect(args.out)
         print(f"{args.out}: {counts['documents']:,} documents in stdlib.jsonl, "
-              f"{counts['docstring_pairs']:,} pairs in stdlib_docstrings.jsonl")  # fmt: skip
+              f"{counts['docstring_pairs']:,} chats in stdlib_docstrings.jsonl")  # fmt: skip
         return 0
     from llm_dist.spec import load_spec
 

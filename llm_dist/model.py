@@ -32,6 +32,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+STANDARD_KEYS = ("max_position_embeddings", "hidden_size", "num_attention_heads",
+                 "num_key_value_heads", "num_hidden_layers")  # fmt: skip
+
+
 class ModelConfig(Section):
     """Which causal LM to train: exactly one of `preset`, `config` or `path`."""
 
@@ -62,16 +66,19 @@ class ModelConfig(Section):
         return self
 
     def hf_config(self) -> dict[str, Any] | None:
-        """The Hugging Face config keys known without building the model (None when unreadable)."""
+        """The Hugging Face config keys known without building the model (None when unreadable),
+        in transformers' standard names whatever the architecture calls them (GPT-2's
+        `n_positions` is `max_position_embeddings`)."""
         if self.preset is not None:
-            base = dict(PRESETS[self.preset])
-        else:
-            file = Path(self.config) if self.config else Path(self.path or "") / "config.json"
-            try:
-                base = json.loads(file.read_text())
-            except (OSError, ValueError):
-                return None
-        return {**base, **self.overrides}
+            return {**PRESETS[self.preset], **self.overrides}
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(self.config or self.path, local_files_only=True)
+        except (OSError, ValueError):
+            return None
+        config.update(self.overrides)
+        return {k: getattr(config, k) for k in STANDARD_KEYS if getattr(config, k, None)}
 
 
 def build(cfg: ModelConfig, tokenizer):

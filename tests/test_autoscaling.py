@@ -59,7 +59,8 @@ pretrain: {{precision: fp32, zero_stage: 2, log_every: 5}}
 cluster: {cluster or {}}
 tune:
   base_model: {base}
-  task: {{sources: [{task}], group_field: source, val_fraction: 0.15, test_fraction: 0.15}}
+  task: {{sources: [{task}], format: sft, group_field: source, val_fraction: 0.15,
+         test_fraction: 0.15, max_bad_fraction: 0.25}}
   max_steps: 4
   eval_every: 2
   micro_batch_size: 8

@@ -106,6 +106,9 @@ def test_stdlib_corpus(tmp_path):
     assert counts["documents"] > 3000 and counts["docstring_pairs"] > 1000
     first = json.loads((tmp_path / "stdlib.jsonl").open().readline())
     assert first["text"] and first["source"].endswith(".py")
-    pair = json.loads((tmp_path / "stdlib_docstrings.jsonl").open().readline())
-    assert pair["prompt"].startswith(("def ", "async def ")) and pair["prompt"].endswith("):")
-    assert pair["response"]
+    system, user, assistant = json.loads((tmp_path / "stdlib_docstrings.jsonl").open().readline())[
+        "messages"
+    ]
+    assert [system["role"], user["role"], assistant["role"]] == ["system", "user", "assistant"]
+    assert user["content"].startswith(("def ", "async def ")) and user["content"].endswith("):")
+    assert assistant["content"]

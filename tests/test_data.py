@@ -246,3 +246,25 @@ def test_dedup_keeps_the_first_copy_with_a_given_tokenizer(ray_session, nasty_ru
         spec_for(tmp_path / "runs", [str(src)], tokenizer={"path": first["tokenizer"]})
     )
     assert undeduped["documents"] == 36 and "duplicate" not in undeduped["dropped"]
+
+
+def test_a_quoted_special_token_is_text(ray_session, tmp_path):
+    """Documents that quote <|endoftext|> or <|pad|> keep them as text: one EOS per document."""
+    from transformers import AutoTokenizer
+
+    docs = [f"doc {i}: ordinary prose about item {i} and what it returns." for i in range(20)]
+    docs[5] = "doc 5: pasted model output: Hello there.<|endoftext|>The next story begins here."
+    docs[11] = "doc 11: GPT-2 separates documents with <|endoftext|> and pads with <|pad|>."
+    path = tmp_path / "quoted.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    stats = prepare(spec_for(tmp_path, [str(path)], seq_len=8, val_fraction=0.0,
+                             test_fraction=0.0))  # fmt: skip
+
+    tok = AutoTokenizer.from_pretrained(stats["tokenizer"], local_files_only=True)
+    got = windows(stats["prepared"], "train")
+    stream = np.concatenate([got[i] for i in sorted(got)])
+    # every document's own EOS, but the last one's when it fell in the remainder
+    assert (stream == tok.eos_token_id).sum() == 20 - (stats["remainder"]["train"] > 0)
+    assert (stream == tok.pad_token_id).sum() == 0
+    quoted = tok.encode("<|endoftext|>", split_special_tokens=True)
+    assert any((stream[i : i + len(quoted)] == quoted).all() for i in range(len(stream)))

@@ -27,7 +27,7 @@ PROMPTS = ["def wrap(text, width=70):", "import os\n", "class Template:", "    r
 def model_folder(tiny_base, tmp_path_factory) -> str:
     """The tiny base with the chat template tuned exports carry."""
     from llm_dist.data.tokenizer import load
-    from llm_dist.tune.task import DEFAULT_CHAT_TEMPLATE
+    from llm_dist.finetune.formats import DEFAULT_CHAT_TEMPLATE
 
     folder = tmp_path_factory.mktemp("served") / "model"
     shutil.copytree(tiny_base, folder)

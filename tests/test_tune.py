@@ -25,8 +25,10 @@ def base(tiny_base) -> str:
 
 
 def spec_for(root: Path, task: str, base: str, **tune) -> JobSpec:
-    tune = {"base_model": base, "task": {"sources": [task], "group_field": "source",
-            "val_fraction": 0.15, "test_fraction": 0.15}, "max_steps": 20, "eval_every": 5,
+    # a fifth of these docstring pairs pass 64 tokens at a 512-token vocabulary: quarantined
+    tune = {"base_model": base, "task": {"sources": [task], "format": "sft", "group_field": "source",
+            "val_fraction": 0.15, "test_fraction": 0.15, "max_bad_fraction": 0.25},
+            "max_steps": 20, "eval_every": 5,
             "micro_batch_size": 8, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
             "max_concurrent_trials": 2, "num_samples": 1, **tune}  # fmt: skip
     return JobSpec(
@@ -249,7 +251,7 @@ def test_bad_input_fails_before_any_trial(ray_session, tmp_path, task, base, pro
         bad.write_text("".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n"
                                for i in range(20)))  # fmt: skip
         spec = spec_for(tmp_path, str(bad), base, search_space={"lr": {"choice": [1e-3]}})
-        expected = "no usable training records among 20 .* missing_field 20"
+        expected = r"tune.task: 20 of 20 records are unusable \(missing_field 20; "
     with pytest.raises(UserError, match=expected):
         run_stage(spec, str(tmp_path / "t"))
     assert not (tmp_path / "t" / "tune").exists()  # no trial started
@@ -304,3 +306,101 @@ def test_freeze_on_plain_text_keeps_the_bottom_and_trains_the_top(ray_session, t
     trained = [k for k in before if k.startswith("model.layers.1.") and k.endswith("weight")]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert trained and all(not torch.equal(before[k], after[k]) for k in trained)
+
+
+@pytest.mark.slow
+def test_task_records_are_read_one_by_one_and_quoted_tokens_stay_text(ray_session, tmp_path, base):
+    """An unused column that changes type costs nothing; a numeric or null response costs its
+    record, quarantined with file and line; a response quoting <|endoftext|> keeps it as text."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from llm_dist.tune.task import prepare_task
+
+    path = tmp_path / "sft.jsonl"
+    records = [{"prompt": f"def f{i}(x):", "response": f"Docstring {i}: what f{i} returns.",
+                "id": 1000 + i, "source": f"m{i % 6}"} for i in range(60)]  # fmt: skip
+    records[37]["id"] = "ext-0037"
+    records[12]["response"], records[25]["response"] = 42, None
+    records[3]["response"] = "GPT-2 separates documents with <|endoftext|>; f3 strips it."
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = spec_for(tmp_path, str(path), base, search_space={"lr": {"choice": [1e-3]}})
+    task = prepare_task(spec, base)
+
+    assert task["records"] == 60 and sum(task["sequences"].values()) == 58
+    assert task["unusable"] == {"not_a_string": 1, "missing_field": 1}
+    quarantined = [json.loads(x) for x in Path(task["quarantine"]).read_text().splitlines()]
+    assert [(q["source"], q["line"], q["reason"]) for q in quarantined] == [
+        (str(path), 13, "not_a_string"), (str(path), 26, "missing_field")]  # fmt: skip
+    # one EOS per window, the one the template closes the answer with: the mask's last token
+    tok = AutoTokenizer.from_pretrained(task["tokenizer"], local_files_only=True)
+    table = pq.read_table(Path(task["prepared"]) / "train")
+    for tokens, mask in zip(table["tokens"].to_pylist(), table["mask"].to_pylist(), strict=True):
+        tokens, answer = np.array(tokens), np.flatnonzero(mask)
+        assert (tokens == tok.eos_token_id).sum() == 1 and tokens[answer[-1]] == tok.eos_token_id
+    quoted = tok.encode("<|endoftext|>", split_special_tokens=True)
+    assert len(quoted) > 1 and tok.eos_token_id not in quoted
+
+    # over the error budget: refused before any trial, every record still counted
+    spec.tune.task.max_bad_fraction = 0.02
+    with pytest.raises(UserError) as e:
+        run_stage(spec, str(tmp_path / "t"))
+    assert str(e.value).startswith(
+        "tune.task: 2 of 60 records are unusable (missing_field 1, not_a_string 1; "
+        "tune.task.max_bad_fraction is 0.02), listed with file, line and reason in "
+    )
+    assert not (tmp_path / "t" / "tune").exists()
+
+
+@pytest.mark.slow
+def test_gpt2_chat_data_lora_and_freeze_under_zero3(ray_session, tmp_path):
+    """A GPT-2 base (Conv1D layers, `transformer.h` blocks, no pad token), OpenAI messages in
+    Parquet, LoRA on all linear layers and frozen blocks, ZeRO-3: both trials export whole
+    weights, LoRA merged, the frozen part unchanged."""
+    import ast
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from architectures import save, tokenizer
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from llm_dist.data.stdlib import SYSTEM, _signature_docstrings
+
+    tok = tokenizer(vocab_size=512)
+    tok.pad_token = None  # as GPT-2's own tokenizer: llm-dist pads with EOS
+    base = save("gpt2", tmp_path / "gpt2", tok)
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    chats = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": p},
+              {"role": "assistant", "content": r}]
+             for m in MODULES[:8] for p, r in _signature_docstrings(ast.parse((lib / m).read_text()))]  # fmt: skip
+    pq.write_table(pa.table({"messages": chats, "n": list(range(len(chats)))}),
+                   tmp_path / "chats.parquet")  # fmt: skip
+    spec = spec_for(tmp_path, str(tmp_path / "chats.parquet"), base, scheduler="fifo",
+                    max_steps=6, eval_every=3, lr=3e-3, freeze_layers=1, max_concurrent_trials=1,
+                    search_space={"method": {"grid": ["lora", "freeze"]}})  # fmt: skip
+    spec.data.seq_len = 128
+    spec.pretrain.zero_stage = 3
+    spec.tune.task.format, spec.tune.task.group_field = "messages", None
+    spec.tune.lora_target_modules = "all-linear"
+    winner = run_stage(spec, str(tmp_path / "t"))
+
+    assert winner["trials"] == {"finished": 2, "stopped early": 0, "failed": 0}
+    before = load_file(Path(base) / "model.safetensors")
+    trials = tmp_path / "t" / "tune" / "trials"
+    exports = {r["method"]: trials / r["trial_id"] / "export" for r in results(tmp_path / "t")}
+    for method, export in exports.items():
+        after = load_file(export / "model.safetensors")
+        assert {k: v.shape for k, v in after.items() if k in before} == {
+            k: v.shape for k, v in before.items()
+        }  # whole tensors, not ZeRO-3 shards
+        assert not any("lora" in k for k in after)
+        AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        if method == "lora":  # merged into every linear layer of the blocks, nothing else
+            assert changed == {f"transformer.h.{b}.{m}.weight" for b in (0, 1)
+                               for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}  # fmt: skip
+        else:
+            assert "transformer.h.1.mlp.c_fc.weight" in changed
+            assert not any(k.startswith(("transformer.wte", "transformer.h.0.")) for k in changed)

@@ -86,11 +86,15 @@ def doc_hash(text: str) -> int:
     )
 
 
-def read_records(f, path: str, cfg) -> Iterator[tuple]:
-    """(line, text, reason, head) for each record of one file; never raises on a bad record."""
+def read_records(f, path: str, cfg, fields: list[str] | None = None) -> Iterator[tuple]:
+    """(line, text, reason, head) for each record of one file; never raises on a bad record.
+
+    With `fields` (a fine-tuning task's), a record's text is the JSON of just those of its
+    fields (those it lacks left out), typed by nothing: the task's own checks come later.
+    """
     kind = format_of(path)
     if kind == "parquet":
-        yield from _parquet_records(f, cfg)
+        yield from _parquet_records(f, cfg, fields)
         return
     if kind == "txt":
         yield from _txt_records(f.read(), cfg)
@@ -118,10 +122,14 @@ def read_records(f, path: str, cfg) -> Iterator[tuple]:
         except ValueError:
             yield number, None, "invalid_json", repr(line[:80])
             continue
-        yield (number, *_field(record, cfg, line))
+        yield (number, *_field(record, cfg, line, fields))
 
 
-def _field(record, cfg, raw) -> tuple:
+def _field(record, cfg, raw, fields) -> tuple:
+    if fields is not None:
+        if not isinstance(record, dict):
+            return None, "missing_field", repr(raw[:80])
+        return _picked(record, fields), None, None
     if not isinstance(record, dict) or cfg.text_field not in record:
         return None, "missing_field", repr(raw[:80])
     value = record[cfg.text_field]
@@ -154,10 +162,25 @@ def _txt_records(data: bytes, cfg) -> Iterator[tuple]:
         yield (number, *clean(text, cfg.min_chars, cfg.max_chars), None)
 
 
-def _parquet_records(f, cfg) -> Iterator[tuple]:
+def _picked(record: dict, fields: list[str]) -> str:
+    return json.dumps(
+        {k: record[k] for k in fields if k in record}, ensure_ascii=False, default=str
+    )
+
+
+def _parquet_records(f, cfg, fields) -> Iterator[tuple]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(f)
+    if fields is not None:  # only the columns the task reads, whatever the others hold
+        names = parquet.schema_arrow.names
+        present = [c for c in fields if c in names] or names[:1]
+        row = 0
+        for batch in parquet.iter_batches(columns=present, batch_size=ROWS_PER_BLOCK):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, _picked(record, fields), None, None
+        return
     if cfg.text_field not in parquet.schema_arrow.names:
         for row in range(parquet.metadata.num_rows):
             yield row + 1, None, "missing_field", f"columns: {parquet.schema_arrow.names}"[:80]

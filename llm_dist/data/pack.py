@@ -25,7 +25,11 @@ def pack_batch(batch, tokenizer_json: str, eos_id: int, cfg, drop: frozenset = f
     from tokenizers import Tokenizer
 
     key = str(hash(tokenizer_json))
-    tok = _TOKENIZERS.get(key) or _TOKENIZERS.setdefault(key, Tokenizer.from_str(tokenizer_json))
+    if key not in _TOKENIZERS:
+        tok = Tokenizer.from_str(tokenizer_json)
+        tok.encode_special_tokens = True  # a quoted <|endoftext|> is text: only we add EOS
+        _TOKENIZERS[key] = tok
+    tok = _TOKENIZERS[key]
     sources, lines = batch["source"].to_pylist(), batch["line"].to_pylist()
     reasons = batch["reason"].to_pylist()
     if drop:

@@ -17,9 +17,9 @@ SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("text", pa.s
 class CorpusDatasource(FileBasedDatasource):
     """.jsonl, .jsonl.gz, .txt and .parquet files, local or on object storage."""
 
-    def __init__(self, paths: list[str], cfg):
+    def __init__(self, paths: list[str], cfg, fields: list[str] | None = None):
         super().__init__(paths)
-        self._cfg = cfg
+        self._cfg, self._fields = cfg, fields
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if corpus.format_of(path) == "parquet":  # Parquet needs random access, not a stream
@@ -28,7 +28,7 @@ class CorpusDatasource(FileBasedDatasource):
 
     def _read_stream(self, f, path: str):
         rows = []
-        for line, text, reason, head in corpus.read_records(f, path, self._cfg):
+        for line, text, reason, head in corpus.read_records(f, path, self._cfg, self._fields):
             rows.append((line, text, reason, head, corpus.doc_hash(text) if text else None))
             if len(rows) == corpus.ROWS_PER_BLOCK:
                 yield _block(path, rows)
@@ -44,6 +44,6 @@ def _block(path: str, rows: list[tuple]) -> pa.Table:
                                 schema=SCHEMA)  # fmt: skip
 
 
-def read_corpus(paths: list[str], cfg) -> ray.data.Dataset:
-    """Every record of `paths` as a row (see `corpus` for the columns)."""
-    return ray.data.read_datasource(CorpusDatasource(paths, cfg))
+def read_corpus(paths: list[str], cfg, fields: list[str] | None = None) -> ray.data.Dataset:
+    """Every record of `paths` as a row (see `corpus` for the columns and `fields`)."""
+    return ray.data.read_datasource(CorpusDatasource(paths, cfg, fields))

@@ -1,8 +1,8 @@
 """The quickstart corpus: the Python standard library's own sources, on every machine with Python.
 
 Two JSONL files: `stdlib.jsonl`, one document per top-level definition (or run of module-level
-statements) of each module, for pretraining; `stdlib_docstrings.jsonl`, signature -> docstring
-pairs of documented functions, an instruction-style task for fine-tuning.
+statements) of each module, for pretraining; `stdlib_docstrings.jsonl`, a chat per documented
+function (OpenAI `messages`: a system turn, the signature, its docstring), a task for fine-tuning.
 """
 
 import ast
@@ -10,6 +10,7 @@ import json
 import sysconfig
 from pathlib import Path
 
+SYSTEM = "Write the docstring of this Python function."
 SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
 
 
@@ -40,9 +41,9 @@ def collect(out_dir: str | Path) -> dict[str, int]:
                 corpus.write(json.dumps({"text": text, "source": name}) + "\n")
                 docs += 1
             for prompt, response in _signature_docstrings(tree):
-                task.write(
-                    json.dumps({"prompt": prompt, "response": response, "source": name}) + "\n"
-                )
+                turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
+                         {"role": "assistant", "content": response}]  # fmt: skip
+                task.write(json.dumps({"messages": turns, "source": name}) + "\n")
                 pairs += 1
     return {"documents": docs, "docstring_pairs": pairs}
 

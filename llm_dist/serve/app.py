@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve  # this module is imported only when serving
 
+from llm_dist.finetune.formats import prompt_ids
 from llm_dist.serve import protocol
 from llm_dist.serve.engine import Job, decode
 
@@ -110,11 +111,13 @@ class LLMServer:
             if not self.tokenizer.chat_template:
                 return _error(400, "this model has no chat template; use /v1/completions")
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=True)  # fmt: skip
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = self.tokenizer.encode(req.prompt)
+            try:  # rendered as fine-tuning renders it
+                ids = prompt_ids(self.tokenizer, messages)
+            except Exception as e:  # the template refused the conversation (raise_exception)
+                return _error(400, f"the model's chat template refused the messages: {e}",
+                              param="messages")  # fmt: skip
+        else:  # a quoted special token is text here too: only the template adds control tokens
+            ids = self.tokenizer.encode(req.prompt, split_special_tokens=True)
         room = min(self.limits["max_prompt_tokens"], self.context - 1)
         if len(ids) > room:
             return _error(413, f"the prompt is {len(ids)} tokens; this server takes at most {room}",

@@ -1,5 +1,6 @@
 """The `pretrain:` section: workers, ZeRO, precision, batch, optimizer, schedule, eval and checkpoints."""
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -142,3 +143,19 @@ class PretrainConfig(Section):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything one run of the worker loop needs, handed to each Ray Train worker.
+
+    Pretraining has no `finetuning`; a tune trial has its method there (and `spec.model` is the
+    base folder), and the loop then leaves the test split alone.
+    """
+
+    spec: Any  # the JobSpec the run trains with (`pretrain` holds a trial's settings)
+    out: str  # where checkpoints/, export/, metrics.jsonl and result.json go
+    prepared: str  # the prepared data folder (train/, val/, test/, tokenizer/)
+    queue: Any = None  # a ray.util.queue.Queue for live metrics to the driver, or None
+    finetuning: Any = None  # a `llm_dist.finetune.methods.FineTuning`, or None
+    nan_at: dict[int, str] = field(default_factory=dict)  # injected NaN losses (tests)

@@ -25,6 +25,7 @@ import numpy as np
 
 
 def train_loop(config: dict) -> None:
+    """One worker's run; `config["loop"]` is its `LoopConfig`."""
     import deepspeed
     import ray.data
     import ray.train
@@ -37,15 +38,15 @@ def train_loop(config: dict) -> None:
     from llm_dist.data.tokenizer import load as load_tokenizer
     from llm_dist.manifest import save_into, write_json
     from llm_dist.model import build, flops_per_token
-    from llm_dist.spec import JobSpec
     from llm_dist.train import checkpoint
     from llm_dist.train.deepspeed_config import deepspeed_config, lr_lambda, param_groups
     from llm_dist.train.metrics import MetricsLog, peak_flops, peak_memory
 
     # ---- setup: plain values first, then the model and its engine
-    spec = JobSpec.model_validate(config["spec"])
-    p, out, prepared, T = spec.pretrain, config["out"], config["prepared"], spec.data.seq_len
-    nan_at = dict(config["nan_at"])  # injected NaN losses, to test recovery: {step: once|always}
+    c = config["loop"]
+    spec, out, prepared, finetuning = c.spec, c.out, c.prepared, c.finetuning
+    p, T = spec.pretrain, spec.data.seq_len
+    nan_at = dict(c.nan_at)  # injected NaN losses, to test recovery: {step: once|always}
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows progress
@@ -57,10 +58,10 @@ def train_loop(config: dict) -> None:
     # Alive while the model is built: transformers then creates it straight into ZeRO-3 shards.
     zero3 = HfDeepSpeedConfig(ds_config) if p.zero_stage == 3 else None  # noqa: F841
     model = build(spec.model, tokenizer)
-    if config.get("method"):  # a fine-tuning trial: LoRA adapters or frozen bottom layers
-        from llm_dist.tune.methods import apply_method
+    if finetuning is not None:  # a tune trial: LoRA adapters or frozen bottom blocks
+        from llm_dist.finetune.methods import apply_method
 
-        model = apply_method(model, config["method"])
+        model = apply_method(model, finetuning)
     if p.activation_checkpointing:
         model.gradient_checkpointing_enable()
     engine, *_ = deepspeed.initialize(
@@ -68,7 +69,7 @@ def train_loop(config: dict) -> None:
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p)),
     )  # fmt: skip
     flops, (peak, peak_source) = flops_per_token(model, T), peak_flops(device)
-    logs = MetricsLog(out, config["queue"]) if rank == 0 else None
+    logs = MetricsLog(out, c.queue) if rank == 0 else None
     val = feed.head_batches(prepared, "val", p.eval_batches * p.micro_batch_size * world,
                             p.micro_batch_size, rank, world)  # fmt: skip
 
@@ -164,14 +165,17 @@ def train_loop(config: dict) -> None:
     def finish() -> None:
         """The test split once (not in a trial), a few samples, the HF export, result.json."""
         test_loss = None
-        if config.get("test", True):
+        if finetuning is None:  # a trial never sees the test split
             test = feed.worker_shard(prepared, "test", rank, world, p.seed, 4 * p.micro_batch_size)
             test_loss = _evaluate(engine, test.iter_torch_batches(batch_size=p.micro_batch_size), T, device)  # fmt: skip
         samples = []
-        # ZeRO-3: gathers the whole weights on every rank for the save; otherwise a no-op
+        # ZeRO-3: gathers the whole weights on every rank; otherwise a no-op. Generation's own
+        # ZeRO-3 hooks hand weights back to their shards, so the export gathers them afresh.
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
             if rank == 0:
                 samples = _samples(engine.module, tokenizer, val, device)
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            if rank == 0:
                 # LoRA adapters are merged into the base weights: the export is a plain model
                 merged = getattr(engine.module, "merge_and_unload", lambda: engine.module)()
 

@@ -70,26 +70,25 @@ def ensure_workers_fit(spec) -> None:
                 spec.cluster.placement_strategy, spare=DATA_CPUS)  # fmt: skip
 
 
-def make_trainer(spec, out: str, prepared: str, queue=None, method=None, callbacks=()):
+def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, callbacks=()):
     """A TorchTrainer running the worker loop on `spec.pretrain`'s settings, its outputs in `out`.
 
-    The pretrain stage makes one; each fine-tuning trial makes its own, with a `method`
-    (LoRA or frozen layers), no test pass, and `callbacks` that pass its reports on to Tune.
+    The pretrain stage makes one; each fine-tuning trial makes its own, with its `finetuning`
+    (a `FineTuning`: the method and its settings) and `callbacks` that pass its reports to Tune.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from llm_dist.cluster import worker_resources
+    from llm_dist.train.config import LoopConfig
     from llm_dist.train.loop import train_loop
 
     p, resources = spec.pretrain, worker_resources(spec)
     gpu = "GPU" in resources  # worker_resources asks for GPUs exactly when they are used
-    config = {"spec": spec.model_dump(mode="json"), "out": out, "prepared": prepared,
-              "queue": queue, "nan_at": _injected_nans(), "method": method,
-              "test": method is None}  # fmt: skip
+    config = LoopConfig(spec, out, prepared, queue, finetuning, _injected_nans())
     return TorchTrainer(
         train_loop,
-        train_loop_config=config,
+        train_loop_config={"loop": config},  # Ray Train hands the workers a dict
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=p.num_workers, use_gpu=gpu, resources_per_worker=resources,

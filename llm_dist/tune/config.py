@@ -13,18 +13,32 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
 class TaskConfig(Section):
-    """The fine-tuning task data: plain text, or instruction/response pairs (SFT)."""
+    """The fine-tuning task data: chat records in the formats users have, or plain text."""
 
     sources: list[str] = Field(default_factory=list)
-    """Files, folders or globs of .jsonl / .parquet / .txt with the task's records."""
-    format: Literal["text", "sft"] = "sft"
-    """text: continued pretraining on `text_field`; sft: loss on the response tokens only."""
+    """Files, folders or globs of .jsonl / .jsonl.gz / .parquet (and .txt for format text) with the task's records."""
+    format: Literal["messages", "sft", "alpaca", "sharegpt", "text"] = "messages"
+    """messages (OpenAI chat turns), sft (prompt/response pairs), alpaca (instruction, input, output), sharegpt (conversations of from/value): loss on the assistant turns only; text: continued pretraining on `text_field`."""
     text_field: str = "text"
     """The text field (format text)."""
     prompt_field: str = "prompt"
     """The instruction field (format sft)."""
     response_field: str = "response"
     """The response field (format sft)."""
+    messages_field: str = "messages"
+    """The list of `{role, content}` turns (format messages): system, developer, user, assistant."""
+    conversations_field: str = "conversations"
+    """The list of `{from, value}` turns (format sharegpt): system, human, gpt."""
+    instruction_field: str = "instruction"
+    """The instruction (format alpaca)."""
+    input_field: str = "input"
+    """The optional input, appended to the instruction on a new line (format alpaca)."""
+    output_field: str = "output"
+    """The answer (format alpaca)."""
+    system_field: str = "system"
+    """An optional system prompt field (formats sft, alpaca, sharegpt): a system turn first."""
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    """The stage fails, before any trial starts, when more than this fraction of records is unusable (each is quarantined); task sets are small, so a few odd records weigh more than in a corpus."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of records held out for validation (trial selection)."""
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
@@ -69,10 +83,10 @@ class TuneConfig(Section):
     """LoRA scaling alpha."""
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     """LoRA dropout."""
-    lora_target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names that get LoRA adapters."""
+    lora_target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    """Linear layers that get LoRA adapters: all-linear (every one in the decoder blocks, GPT-2's Conv1D included), or a list of names (`q_proj`, `self_attn.v_proj`), checked against the base model before any trial starts."""
     freeze_layers: int = Field(0, ge=0)
-    """Layers frozen from the bottom (method freeze)."""
+    """Decoder blocks frozen from the bottom, with the input embeddings (method freeze); found in any architecture (`model.layers`, `transformer.h`, ...)."""
     num_workers: int = Field(1, ge=1)
     """Ray Train workers per trial (each trial is itself a DeepSpeed run with `pretrain`'s ZeRO and precision)."""
     max_failures: int = Field(0, ge=-1)

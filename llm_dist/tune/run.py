@@ -161,20 +161,24 @@ def _trial(settings: dict, context: dict) -> None:
     """One trial (runs in a Tune trial actor): the pretrain loop as a fine-tuning run."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from llm_dist.finetune.methods import FineTuning
     from llm_dist.spec import JobSpec
     from llm_dist.train.run import make_trainer
 
     spec = JobSpec.model_validate(context["spec"])
-    trial = {**{k: getattr(spec.tune, k) for k in TUNABLE}, **settings,
-             "lora_target_modules": spec.tune.lora_target_modules}  # fmt: skip
+    trial = {**{k: getattr(spec.tune, k) for k in TUNABLE}, **settings}
+    finetuning = FineTuning.model_validate(
+        {k: trial.get(k, getattr(spec.tune, k)) for k in FineTuning.model_fields}
+    )
     out = f"{context['run']}/tune/trials/{tune.get_context().get_trial_id()}"
     run_spec = trial_spec(spec, trial, context["base"], context["val_rows"])
-    make_trainer(run_spec, out, context["prepared"], method=trial,
+    make_trainer(run_spec, out, context["prepared"], finetuning=finetuning,
                  callbacks=[TuneReportCallback()]).fit()  # fmt: skip
 
 
 def _base_model(spec, run: str) -> str:
-    """The model folder trials start from, checked: it loads, has a tokenizer that fits it."""
+    """The model folder trials start from, checked: it loads, has a tokenizer that fits it, and
+    every method the sweep can draw fits its architecture."""
     from pathlib import Path
 
     if spec.tune.base_model:
@@ -187,9 +191,12 @@ def _base_model(spec, run: str) -> str:
                 "result.json is missing); run the pretrain stage first or name a model folder"
             )
         base, field = done["export"], "the pretrain export"
+    from llm_dist.finetune.methods import check_base
+    from llm_dist.manifest import local_folder
     from llm_dist.model import check_folder
 
     check_folder(base, field)
+    check_base(local_folder(base), spec.tune)
     return base if "://" in base else str(Path(base).resolve())
 
 
