@@ -127,13 +127,7 @@ def _model_problems(spec: JobSpec) -> list[str]:
             f"model.overrides: num_attention_heads {heads} is not divisible by "
             f"num_key_value_heads {kv_heads}; pick sizes that divide"
         )
-    layers = cfg.get("num_hidden_layers")
-    if layers and spec.tune.freeze_layers >= layers:
-        problems.append(
-            f"tune.freeze_layers: {spec.tune.freeze_layers} freezes every layer of a "
-            f"{layers}-layer model; freeze fewer than {layers}"
-        )
-    return problems
+    return problems  # tune's methods are checked against the base model itself (check_base)
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:

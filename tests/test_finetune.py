@@ -94,3 +94,33 @@ def test_the_base_is_checked_before_any_trial(tmp_path):
     ):
         check_base(folder, TuneConfig(search_space=space))
     check_base(folder, TuneConfig(search_space={**space, "freeze_layers": {"randint": [0, 2]}}))
+
+
+@pytest.mark.parametrize(
+    ("space", "problem"),
+    [
+        ({"freeze_layers": {"uniform": [0, 2]}}, "tune.search_space.freeze_layers.uniform: "
+         "freeze_layers takes whole numbers >= 0: use choice, grid or randint of such numbers, "
+         "got [0, 2]"),
+        ({"lora_r": {"choice": [0, 8]}}, "tune.search_space.lora_r.choice: lora_r takes whole "
+         "numbers >= 1"),
+        ({"method": {"choice": ["lora", "qlora"]}}, "tune.search_space.method.choice: method is "
+         "one of freeze, full, lora by choice or grid, got ['lora', 'qlora']"),
+    ],
+)  # fmt: skip
+def test_search_spaces_draw_only_what_trials_take(space, problem):
+    from pydantic import ValidationError
+
+    from llm_dist.tune.config import TuneConfig
+
+    with pytest.raises(ValidationError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        TuneConfig(search_space=space)
+
+
+def test_a_searched_setting_replaces_its_default_in_the_checks(tmp_path):
+    from llm_dist.tune.config import TuneConfig
+
+    folder = save("gpt2", tmp_path)
+    space = {"method": {"choice": ["freeze", "full"]}, "freeze_layers": {"grid": [0, 1]}}
+    check_base(folder, TuneConfig(freeze_layers=5, lora_target_modules=["q_proj"],
+                                  search_space=space))  # fmt: skip

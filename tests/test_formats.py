@@ -105,13 +105,16 @@ SAME = [
                  "system": "Be brief.", "id": 7}),
         ("alpaca", {"instruction": "def wrap(text):", "input": "Wrap it.", "output": "Wraps text.",
                     "system": "Be brief."}),
+        ("sft", {"prompt": "def wrap(text):\nWrap it.", "response": "Wraps text.", "system": " ",
+                 "ignored": {"nested": [1]}}),
         ("sharegpt", {"conversations": [{"from": "system", "value": "Be brief."},
                                         {"from": "human", "value": "def wrap(text):\nWrap it."},
                                         {"from": "gpt", "value": "Wraps text."}]}),
     ],
 )  # fmt: skip
 def test_every_format_is_the_same_conversation(fmt, record):
-    assert conversation(record, TASK.model_copy(update={"format": fmt})) == SAME
+    expected = SAME if record.get("system", "given").strip() else SAME[1:]  # blank: no system
+    assert conversation(record, TASK.model_copy(update={"format": fmt})) == expected
 
 
 @pytest.mark.parametrize(
@@ -121,7 +124,9 @@ def test_every_format_is_the_same_conversation(fmt, record):
         ("sft", {"prompt": "p", "response": None}, "missing_field", "response"),
         ("sft", {"prompt": "p"}, "missing_field", "response"),
         ("alpaca", {"instruction": " ", "output": "o"}, "empty", "instruction"),
-        ("messages", {"messages": "hi"}, "not_a_string", "messages is not a list of turns"),
+        ("messages", {"messages": "hi"}, "not_a_list", "messages is not a list of turns"),
+        ("messages", {"messages": [{"role": ["user"], "content": "x"}]}, "bad_role",
+         "messages[0].role: ['user']"),
         ("messages", {"messages": [{"role": "tool", "content": "x"}]}, "bad_role",
          "messages[0].role: 'tool'"),
         ("messages", {"messages": [{"role": "user", "content": "x"}]}, "no_assistant_turn",

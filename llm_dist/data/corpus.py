@@ -119,7 +119,7 @@ def read_records(f, path: str, cfg, fields: list[str] | None = None) -> Iterator
         except UnicodeDecodeError:
             yield number, None, "invalid_utf8", repr(line[:80])
             continue
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
             yield number, None, "invalid_json", repr(line[:80])
             continue
         yield (number, *_field(record, cfg, line, fields))

@@ -30,7 +30,8 @@ def fingerprint(cfg, files: list[tuple[str, int, int]]) -> str:
             for p in folder.glob("*")
             if p.is_file()
         )
-    key = {"files": files, "tokenizer": tokenizer, "version": 1,
+    # version 2: quoted special tokens are packed as text
+    key = {"files": files, "tokenizer": tokenizer, "version": 2,
            **cfg.model_dump(exclude={"sources", "tokenizer", "max_bad_fraction"})}  # fmt: skip
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -8,10 +8,12 @@ sharegpt's `conversations` of from/value (human, gpt, system), and `sft`'s promp
 `encode` renders a conversation exactly as serving renders a prompt: the model's template
 (`DEFAULT_CHAT_TEMPLATE` only when it has none), BOS and every control token the template
 writes, and message text encoded as text, so a quoted `<|endoftext|>` never becomes the
-control token (transformers' `sanitize_control_tokens`). The loss mask is exact for any
-template: the text of each assistant turn is what the template adds between rendering the
-conversation before it with the generation prompt and rendering it through that turn, and each
-such piece is tokenized on its own, so every prompt is tokenized as the server tokenizes it.
+control token (transformers' `sanitize_control_tokens`). The loss mask needs no knowledge of
+the template: an assistant turn's text is what the template adds between rendering the chat
+before it with the generation prompt and rendering it through that turn, and the chat up to
+each such cut is tokenized as the server tokenizes a prompt (see `encode`). A template that
+renders earlier turns differently from the last one (Qwen3 drops earlier reasoning) gives no
+such prefixes: its multi-turn records are quarantined as template_mismatch.
 """
 
 import itertools
@@ -47,8 +49,8 @@ def fields(task) -> list[str]:
 
 def conversation(record: dict, task) -> list[dict]:
     """The record as `[{"role", "content"}, ...]`; raises Unusable (missing_field, not_a_string,
-    empty, bad_role, no_assistant_turn)."""
-    system = _text(record, task.system_field, optional=True)
+    not_a_list, empty, bad_role, no_assistant_turn)."""
+    system = "" if task.format == "messages" else _text(record, task.system_field, optional=True)
     head = [{"role": "system", "content": system}] if system else []
     if task.format == "sft":
         return [*head, {"role": "user", "content": _text(record, task.prompt_field)},
@@ -63,11 +65,11 @@ def conversation(record: dict, task) -> list[dict]:
     if turns is None:
         raise Unusable("missing_field", name)
     if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
-        raise Unusable("not_a_string", f"{name} is not a list of turns")
+        raise Unusable("not_a_list", f"{name} is not a list of turns")
     role, content = ("role", "content") if task.format == "messages" else ("from", "value")
     messages = head
     for i, turn in enumerate(turns):
-        if turn.get(role) not in ROLES:
+        if not isinstance(turn.get(role), str) or turn[role] not in ROLES:
             raise Unusable("bad_role", f"{name}[{i}].{role}: {turn.get(role)!r}")
         messages.append(
             {"role": ROLES[turn[role]], "content": _content(turn, content, f"{name}[{i}]")}
@@ -79,7 +81,7 @@ def conversation(record: dict, task) -> list[dict]:
 
 def _text(record: dict, name: str | None, optional: bool = False) -> str:
     value = record.get(name) if name else None
-    if value is None or (optional and value == ""):
+    if value is None or (optional and isinstance(value, str) and not value.strip()):
         if optional:
             return ""
         raise Unusable("missing_field", name)
@@ -108,11 +110,18 @@ def _content(turn: dict, key: str, where: str) -> str:
 def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """(token ids, loss mask) of a conversation: 1 on every assistant turn's tokens (its text
     and what the template closes it with), 0 elsewhere. Turns after the last assistant turn are
-    left out. Raises Unusable: template_refused (the template raised), template_mismatch
-    (rendering the conversation turn by turn does not give prefixes of the whole)."""
+    left out.
+
+    The text is cut where each assistant turn starts and ends. Each cut is tokenized whole, as
+    the server tokenizes a prompt, and the pieces are the differences; a piece whose whole
+    tokenization does not extend the tokens so far (a tokenizer that merges across the cut,
+    e.g. "\n\n" then text) is tokenized on its own instead. Raises Unusable: template_refused
+    (the template raised), template_mismatch (the turn-by-turn renderings are not prefixes of
+    the whole, as with templates that render earlier turns differently), unencodable.
+    """
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    messages = _marked(tokenizer, messages[: last + 1])
     try:  # per assistant turn: the chat before it with the generation prompt, and through it
+        messages = _marked(tokenizer, messages[: last + 1])
         turns = [(_render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False))
                  for i, m in enumerate(messages) if m["role"] == "assistant"]  # fmt: skip
     except Exception as e:  # jinja's raise_exception(), or any error the template hits
@@ -125,10 +134,17 @@ def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
             raise Unusable("template_mismatch")
         cuts += [len(before), len(through)]
     ids, mask = [], []
-    for k, (start, end) in enumerate(itertools.pairwise(cuts)):
-        piece = _encode_piece(tokenizer, text[start:end], first=start == 0) if end > start else []
-        ids += piece
-        mask += [k % 2] * len(piece)  # odd pieces are assistant turns
+    try:
+        for k, (start, end) in enumerate(itertools.pairwise(cuts)):
+            whole = _ids(tokenizer, text[:end])
+            if whole[: len(ids)] == ids:
+                piece = whole[len(ids) :]
+            else:
+                piece = _encode_piece(tokenizer, text[start:end]) if end > start else []
+            ids += piece
+            mask += [k % 2] * len(piece)  # odd pieces are assistant turns
+    except ValueError as e:  # transformers: a quoted token that plain text also produces
+        raise Unusable("unencodable", str(e)) from None
     return ids, mask
 
 
@@ -154,14 +170,14 @@ def _marked(tokenizer, messages: list[dict]) -> list[dict]:
     return marked[0]
 
 
-def _encode_piece(tokenizer, text: str, first: bool) -> list[int]:
-    """A piece of a rendered chat: at its start as it is, later behind a newline that is then
+def _ids(tokenizer, text: str) -> list[int]:
+    """Text as the server encodes a rendered chat: control tokens the template wrote, and the
+    marked ones from message text as text."""
+    return tokenizer(text, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
+
+
+def _encode_piece(tokenizer, text: str) -> list[int]:
+    """A piece from the middle of a rendered chat, tokenized behind a newline that is then
     dropped, so a SentencePiece tokenizer adds no word-start space (transformers' own trick)."""
-
-    def ids(s: str) -> list[int]:
-        return tokenizer(s, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
-
-    if first:
-        return ids(text)
-    newline, out = ids("\n"), ids("\n" + text)
-    return out[len(newline) :] if out[: len(newline)] == newline else ids(text)
+    newline, out = _ids(tokenizer, "\n"), _ids(tokenizer, "\n" + text)
+    return out[len(newline) :] if out[: len(newline)] == newline else _ids(tokenizer, text)

@@ -9,7 +9,7 @@ config (built on the meta device, no weights read) before any trial starts.
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from llm_dist.base import UserError
 
@@ -20,11 +20,11 @@ class FineTuning(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     method: Literal["full", "lora", "freeze"]
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0.0)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     lora_target_modules: str | list[str] = "all-linear"
-    freeze_layers: int = 0
+    freeze_layers: int = Field(0, ge=0)
 
 
 def apply_method(model, ft: FineTuning):
@@ -115,12 +115,14 @@ def check_base(folder: str, tune) -> None:
     with torch.device("meta"):  # the modules' names and shapes only: no memory, no weights
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     space = tune.search_space
-    methods = {tune.method, *space.get("method", {}).get("choice", []),
-               *space.get("method", {}).get("grid", [])}  # fmt: skip
-    if "lora" in methods:
+
+    def values(name: str) -> list:  # what trials can draw: the search space's, else the default
+        if name not in space:
+            return [getattr(tune, name)]
+        kind, args = next(iter(space[name].items()))
+        return [args[1] - 1] if kind == "randint" else list(args)  # randint's high is excluded
+
+    if "lora" in values("method"):
         check_targets(model, tune.lora_target_modules)
-    if "freeze" in methods:
-        freeze = [tune.freeze_layers]
-        for kind, args in space.get("freeze_layers", {}).items():
-            freeze += [args[1] - 1] if kind == "randint" else [max(args)]
-        check_freeze(len(blocks(model)), max(freeze))
+    if "freeze" in values("method"):
+        check_freeze(len(blocks(model)), max(values("freeze_layers")))

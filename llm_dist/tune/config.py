@@ -10,6 +10,8 @@ from llm_dist.base import Section
 TUNABLE = ("lr", "weight_decay", "warmup_steps", "micro_batch_size", "method",
            "lora_r", "lora_alpha", "lora_dropout", "freeze_layers")  # fmt: skip
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+INTEGER = {"warmup_steps": 0, "micro_batch_size": 1, "lora_r": 1, "freeze_layers": 0}  # least
+METHODS = {"full", "lora", "freeze"}
 
 
 class TaskConfig(Section):
@@ -139,6 +141,18 @@ class TuneConfig(Section):
                 )
             elif kind == "loguniform" and args[0] <= 0:
                 problems.append(f"{where}.loguniform: low must be > 0, got {args[0]}")
+            elif name in INTEGER and (kind in ("uniform", "loguniform") or not all(
+                isinstance(a, int) and not isinstance(a, bool) and a >= INTEGER[name] for a in args
+            )):  # fmt: skip
+                problems.append(
+                    f"{where}.{kind}: {name} takes whole numbers >= {INTEGER[name]}: use choice, "
+                    f"grid or randint of such numbers, got {args}"
+                )
+            elif name == "method" and (kind not in ("choice", "grid") or not set(args) <= METHODS):
+                problems.append(
+                    f"{where}.{kind}: method is one of {', '.join(sorted(METHODS))} by choice or "
+                    f"grid, got {args}"
+                )
             elif kind == "grid" and self.search == "optuna":
                 problems.append(
                     f"{where}.grid: optuna cannot search a grid; use choice or search: random"

@@ -39,7 +39,7 @@ def prepare_task(spec, base: str) -> dict:
     """
     from llm_dist.data.read import read_corpus
     from llm_dist.data.tokenizer import load
-    from llm_dist.finetune.formats import fields
+    from llm_dist.finetune.formats import Unusable, encode, fields
     from llm_dist.manifest import local_folder
 
     t, base = spec.tune.task, local_folder(base)
@@ -61,6 +61,15 @@ def prepare_task(spec, base: str) -> dict:
     tokenizer = load(base)
     if not tokenizer.chat_template:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    try:  # a template that cannot render a plain chat would quarantine every record
+        encode(
+            tokenizer,
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        )
+    except Unusable as e:
+        raise UserError(f"tune.base_model: its chat template cannot render a user and an "
+                        f"assistant turn ({e.reason}: {e}); fix chat_template in "
+                        f"{base}/tokenizer_config.json") from None  # fmt: skip
     key = {"files": files, "task": t.model_dump(), "seq_len": spec.data.seq_len,
            "seed": spec.data.seed, "tokenizer": tokenizer.backend_tokenizer.to_str(),
            "template": tokenizer.chat_template, "version": 2}  # fmt: skip
@@ -126,6 +135,9 @@ def _encode(batch, tokenizer: str, t, width: int, seed: int):
                 raise Unusable("too_long", f"{len(ids)} tokens > data.seq_len + 1 = {width}")
         except Unusable as e:
             reasons[row], heads[row] = e.reason, f"{e}: {text[:80]}"
+            continue
+        except Exception as e:  # whatever else one record's data does costs that record only
+            reasons[row], heads[row] = "error", f"{type(e).__name__}: {e}: {text[:80]}"
             continue
         tokens[row, : len(ids)], mask[row, : len(ids)] = ids, marks
         group = record.get(t.group_field) if t.group_field else None
