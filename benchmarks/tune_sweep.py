@@ -31,7 +31,7 @@ MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "sh
 
 def task_config(task: str) -> dict:
     return {"sources": [task], "format": "sft", "group_field": "source", "val_fraction": 0.15,
-            "test_fraction": 0.15, "max_bad_fraction": 0.25}  # fmt: skip
+            "test_fraction": 0.15}  # fmt: skip
 
 
 def setup(root: Path) -> tuple[str, str]:

@@ -60,7 +60,7 @@ cluster: {cluster or {}}
 tune:
   base_model: {base}
   task: {{sources: [{task}], format: sft, group_field: source, val_fraction: 0.15,
-         test_fraction: 0.15, max_bad_fraction: 0.25}}
+         test_fraction: 0.15}}
   max_steps: 4
   eval_every: 2
   micro_batch_size: 8

@@ -25,9 +25,8 @@ def base(tiny_base) -> str:
 
 
 def spec_for(root: Path, task: str, base: str, **tune) -> JobSpec:
-    # a fifth of these docstring pairs pass 64 tokens at a 512-token vocabulary: quarantined
     tune = {"base_model": base, "task": {"sources": [task], "format": "sft", "group_field": "source",
-            "val_fraction": 0.15, "test_fraction": 0.15, "max_bad_fraction": 0.25},
+            "val_fraction": 0.15, "test_fraction": 0.15},
             "max_steps": 20, "eval_every": 5,
             "micro_batch_size": 8, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"],
             "max_concurrent_trials": 2, "num_samples": 1, **tune}  # fmt: skip
@@ -311,7 +310,8 @@ def test_freeze_on_plain_text_keeps_the_bottom_and_trains_the_top(ray_session, t
 @pytest.mark.slow
 def test_task_records_are_read_one_by_one_and_quoted_tokens_stay_text(ray_session, tmp_path, base):
     """An unused column that changes type costs nothing; a numeric or null response costs its
-    record, quarantined with file and line; a response quoting <|endoftext|> keeps it as text."""
+    record, quarantined with file and line; so does one too long for data.seq_len, outside the
+    error budget; a response quoting <|endoftext|> keeps it as text."""
     import numpy as np
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
@@ -324,15 +324,17 @@ def test_task_records_are_read_one_by_one_and_quoted_tokens_stay_text(ray_sessio
     records[37]["id"] = "ext-0037"
     records[12]["response"], records[25]["response"] = 42, None
     records[3]["response"] = "GPT-2 separates documents with <|endoftext|>; f3 strips it."
+    records.append({"prompt": "def long(x):", "response": "word " * 200})  # past seq_len 64
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     spec = spec_for(tmp_path, str(path), base, search_space={"lr": {"choice": [1e-3]}})
     task = prepare_task(spec, base)
 
-    assert task["records"] == 60 and sum(task["sequences"].values()) == 58
-    assert task["unusable"] == {"not_a_string": 1, "missing_field": 1}
+    assert task["records"] == 61 and sum(task["sequences"].values()) == 58
+    assert task["unusable"] == {"not_a_string": 1, "missing_field": 1, "too_long": 1}
     quarantined = [json.loads(x) for x in Path(task["quarantine"]).read_text().splitlines()]
     assert [(q["source"], q["line"], q["reason"]) for q in quarantined] == [
-        (str(path), 13, "not_a_string"), (str(path), 26, "missing_field")]  # fmt: skip
+        (str(path), 13, "not_a_string"), (str(path), 26, "missing_field"),
+        (str(path), 61, "too_long")]  # fmt: skip
     # one EOS per window, the one the template closes the answer with: the mask's last token
     tok = AutoTokenizer.from_pretrained(task["tokenizer"], local_files_only=True)
     table = pq.read_table(Path(task["prepared"]) / "train")
@@ -347,8 +349,9 @@ def test_task_records_are_read_one_by_one_and_quoted_tokens_stay_text(ray_sessio
     with pytest.raises(UserError) as e:
         run_stage(spec, str(tmp_path / "t"))
     assert str(e.value).startswith(
-        "tune.task: 2 of 60 records are unusable (missing_field 1, not_a_string 1; "
-        "tune.task.max_bad_fraction is 0.02), listed with file, line and reason in "
+        "tune.task: 2 of 61 records are unusable (missing_field 1, not_a_string 1, too_long 1; "
+        "tune.task.max_bad_fraction is 0.02, too_long not counted), listed with file, line "
+        "and reason in "
     )
     assert not (tmp_path / "t" / "tune").exists()
 

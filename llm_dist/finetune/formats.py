@@ -173,7 +173,9 @@ def _marked(tokenizer, messages: list[dict]) -> list[dict]:
 def _ids(tokenizer, text: str) -> list[int]:
     """Text as the server encodes a rendered chat: control tokens the template wrote, and the
     marked ones from message text as text."""
-    return tokenizer(text, add_special_tokens=False, sanitize_control_tokens=True)["input_ids"]
+    # verbose=False: a chat longer than model_max_length is the caller's to judge (too_long)
+    return tokenizer(text, add_special_tokens=False, sanitize_control_tokens=True,
+                     verbose=False)["input_ids"]  # fmt: skip
 
 
 def _encode_piece(tokenizer, text: str) -> list[int]:

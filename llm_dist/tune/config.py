@@ -40,7 +40,7 @@ class TaskConfig(Section):
     system_field: str = "system"
     """An optional system prompt field (formats sft, alpaca, sharegpt): a system turn first."""
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    """The stage fails, before any trial starts, when more than this fraction of records is unusable (each is quarantined); task sets are small, so a few odd records weigh more than in a corpus."""
+    """The stage fails, before any trial starts, when more than this fraction of records is unusable (each is quarantined; records longer than data.seq_len + 1 are left out but not counted here); task sets are small, so a few odd records weigh more than in a corpus."""
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     """Fraction of records held out for validation (trial selection)."""
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)

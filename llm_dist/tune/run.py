@@ -42,6 +42,11 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
     connect(spec)  # before Ray Data reads the task, which would start a default Ray
     concurrency = ensure_trials_fit(spec)
     task = prepare_task(spec, base)  # a clear error here, before any trial starts
+    if t.task.format != "text":  # the data stage reports its own counts
+        left_out = ", ".join(f"{k} {v:,}" for k, v in sorted(task["unusable"].items()))
+        print(f"tune.task: {sum(task['sequences'].values()):,} of {task['records']:,} records "
+              f"prepared ({', '.join(f'{k} {v:,}' for k, v in task['sequences'].items())})"
+              + (f"; left out: {left_out}, listed in {task['quarantine']}" if left_out else ""))  # fmt: skip
     for split, least in (("train", t.num_workers), ("val", t.num_workers), ("test", 1)):
         if task["sequences"][split] < least:
             fix = "add records" + (

@@ -8,7 +8,8 @@ template into one window of seq_len + 1 tokens whose `mask` marks the assistant 
 tokens the loss counts (`llm_dist.finetune.formats`). A record that cannot (a missing field, a
 wrong type, a template that refuses it, too long for data.seq_len, ...) goes to
 `quarantine.jsonl` with its file, line and reason, and counts against
-`tune.task.max_bad_fraction`, checked before any trial starts. Records are split by a hash of
+`tune.task.max_bad_fraction`, checked before any trial starts (too_long ones are left out, and
+counted, but not against the budget: they depend on data.seq_len, not on the data's quality). Records are split by a hash of
 `group_field` (or of the record), so one document's records share a split.
 
 Either way the result is a prepared folder the worker loop reads like the pretraining data:
@@ -35,7 +36,8 @@ def prepare_task(spec, base: str) -> dict:
     """Prepare (or reuse) the task data for fine-tuning `base`; returns its `prepared.json`.
 
     Raises UserError when a source cannot be listed, no record is usable, or more than
-    `tune.task.max_bad_fraction` of them are unusable (each is listed in the quarantine).
+    `tune.task.max_bad_fraction` of them are unusable for a reason other than too_long (each
+    is listed in the quarantine).
     """
     from llm_dist.data.read import read_corpus
     from llm_dist.data.tokenizer import load
@@ -94,14 +96,15 @@ def prepare_task(spec, base: str) -> dict:
     )  # fmt: skip
     stats = _write(windows, spec.data.seq_len + 1, root)
     n, unusable = stats["records"], stats["unusable"]
+    bad = sum(v for k, v in unusable.items() if k != "too_long")  # too long: data.seq_len's doing
     counts = ", ".join(f"{k} {v:,}" for k, v in sorted(unusable.items())) or "none"
-    if not stats["sequences"]["train"] or sum(unusable.values()) > t.max_bad_fraction * n:
+    if not stats["sequences"]["train"] or bad > t.max_bad_fraction * n:
         raise UserError(
-            f"tune.task: {sum(unusable.values()):,} of {n:,} records are unusable ({counts}; "
-            f"tune.task.max_bad_fraction is {t.max_bad_fraction}), listed with file, line and "
-            f"reason in {root}/quarantine.jsonl: fix those records, check the tune.task "
-            f"*_field names of format {t.format}, raise data.seq_len if records are too long, "
-            "or raise tune.task.max_bad_fraction"
+            f"tune.task: {bad:,} of {n:,} records are unusable ({counts}; "
+            f"tune.task.max_bad_fraction is {t.max_bad_fraction}, too_long not counted), listed "
+            f"with file, line and reason in {root}/quarantine.jsonl: fix those records, check "
+            f"the tune.task *_field names of format {t.format}, raise data.seq_len if records "
+            "are too long, or raise tune.task.max_bad_fraction"
         )
     stats = {"prepared": root, "format": t.format, "tokenizer": f"{root}/tokenizer",
              "seq_len": spec.data.seq_len, "quarantine": f"{root}/quarantine.jsonl", **stats}  # fmt: skip
