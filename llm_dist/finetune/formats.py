@@ -81,15 +81,9 @@ def conversation(record: dict, task) -> list[dict]:
 
 def _text(record: dict, name: str | None, optional: bool = False) -> str:
     value = record.get(name) if name else None
-    if value is None or (optional and isinstance(value, str) and not value.strip()):
-        if optional:
-            return ""
-        raise Unusable("missing_field", name)
-    if not isinstance(value, str):
-        raise Unusable("not_a_string", f"{name}: {type(value).__name__}")
-    if not value.strip():
-        raise Unusable("empty", name)
-    return value
+    if optional and (value is None or (isinstance(value, str) and not value.strip())):
+        return ""  # an optional field left out or blank
+    return _checked(value, name)
 
 
 def _content(turn: dict, key: str, where: str) -> str:
@@ -98,12 +92,17 @@ def _content(turn: dict, key: str, where: str) -> str:
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                        and isinstance(p.get("text"), str) for p in value):  # fmt: skip
         value = "".join(p["text"] for p in value)
+    return _checked(value, f"{where}.{key}")
+
+
+def _checked(value, where: str) -> str:
+    """`value` if it is a non-blank string; else Unusable naming `where`."""
     if value is None:
-        raise Unusable("missing_field", f"{where}.{key}")
+        raise Unusable("missing_field", where)
     if not isinstance(value, str):
-        raise Unusable("not_a_string", f"{where}.{key}: {type(value).__name__}")
+        raise Unusable("not_a_string", f"{where}: {type(value).__name__}")
     if not value.strip():
-        raise Unusable("empty", f"{where}.{key}")
+        raise Unusable("empty", where)
     return value
 
 

@@ -43,10 +43,13 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
     concurrency = ensure_trials_fit(spec)
     task = prepare_task(spec, base)  # a clear error here, before any trial starts
     if t.task.format != "text":  # the data stage reports its own counts
-        left_out = ", ".join(f"{k} {v:,}" for k, v in sorted(task["unusable"].items()))
-        print(f"tune.task: {sum(task['sequences'].values()):,} of {task['records']:,} records "
-              f"prepared ({', '.join(f'{k} {v:,}' for k, v in task['sequences'].items())})"
-              + (f"; left out: {left_out}, listed in {task['quarantine']}" if left_out else ""))  # fmt: skip
+        splits = ", ".join(f"{k} {v:,}" for k, v in task["sequences"].items())
+        prepared = sum(task["sequences"].values())
+        line = f"tune.task: {prepared:,} of {task['records']:,} records prepared ({splits})"
+        if task["unusable"]:
+            left_out = ", ".join(f"{k} {v:,}" for k, v in sorted(task["unusable"].items()))
+            line += f"; left out: {left_out}, listed in {task['quarantine']}"
+        print(line)
     for split, least in (("train", t.num_workers), ("val", t.num_workers), ("test", 1)):
         if task["sequences"][split] < least:
             fix = "add records" + (

@@ -8,9 +8,10 @@ template into one window of seq_len + 1 tokens whose `mask` marks the assistant 
 tokens the loss counts (`llm_dist.finetune.formats`). A record that cannot (a missing field, a
 wrong type, a template that refuses it, too long for data.seq_len, ...) goes to
 `quarantine.jsonl` with its file, line and reason, and counts against
-`tune.task.max_bad_fraction`, checked before any trial starts (too_long ones are left out, and
-counted, but not against the budget: they depend on data.seq_len, not on the data's quality). Records are split by a hash of
-`group_field` (or of the record), so one document's records share a split.
+`tune.task.max_bad_fraction`, checked before any trial starts (too_long ones are left out and
+counted, but not against the budget: they depend on data.seq_len, not on the data's quality).
+Records are split by a hash of `group_field` (or of the record), so one document's records
+share a split.
 
 Either way the result is a prepared folder the worker loop reads like the pretraining data:
 `train/`, `val/`, `test/` Parquet windows (`id`, `tokens`, and for chat `mask`) and
