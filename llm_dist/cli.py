@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         help="collect the Python standard library's sources into JSONL (the quickstart corpus)",
     )
     stdlib.add_argument(
-        "out", metavar="OUT_DIR", help="writes stdlib.jsonl and stdlib_docstrings.jsonl here"
+        "out",
+        metavar="OUT_DIR",
+        help="writes stdlib.jsonl, stdlib_docstrings.jsonl and stdlib_packages.jsonl here",
     )
     spec_verb("pretrain", "pretrain the model with DeepSpeed ZeRO under Ray Train")
     spec_verb("tune", "run the Ray Tune fine-tuning sweep and pick the winner").add_argument(
@@ -106,7 +108,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         counts = collect(args.out)
         print(f"{args.out}: {counts['documents']:,} documents in stdlib.jsonl, "
-              f"{counts['docstring_pairs']:,} chats in stdlib_docstrings.jsonl")  # fmt: skip
+              f"{counts['docstring_pairs']:,} chats in stdlib_docstrings.jsonl, "
+              f"{counts['labelled_functions']:,} labelled functions in stdlib_packages.jsonl")  # fmt: skip
         return 0
     from llm_dist.spec import load_spec
 

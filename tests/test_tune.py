@@ -37,9 +37,10 @@ def spec_for(root: Path, task: str, base: str, **tune) -> JobSpec:
     )  # fmt: skip
 
 
-def results(run: Path) -> list[dict]:
+def results(run: Path, base: bool = False) -> list[dict]:
+    """The trials' rows of results.csv, or with `base` the un-tuned base's (its test figures)."""
     with open(run / "tune" / "results.csv") as f:
-        return list(csv.DictReader(f))
+        return [r for r in csv.DictReader(f) if (r["trial_id"] == "base") == base]
 
 
 @pytest.mark.slow
@@ -48,15 +49,18 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_dist.tune.winner import test_loss
+    from llm_dist.finetune.evaluate import task_of
+    from llm_dist.finetune.scores import lift
+    from llm_dist.tune.winner import test_outcome
 
     spec = spec_for(tmp_path, task, base, scheduler="asha", grace_period=1, reduction_factor=3,
                     search_space={"lr": {"grid": [1e-5, 3e-3]},
                                   "method": {"grid": ["full", "lora"]}})  # fmt: skip
+    spec.tune.task.metrics, spec.tune.task.max_new_tokens = ["rouge_l", "chrf"], 16
     run = tmp_path / "t"
     winner = run_stage(spec, str(run))
 
-    table = results(run)
+    table, (base_row,) = results(run), results(run, base=True)
     assert len(table) == 4
     assert {(float(r["lr"]), r["method"]) for r in table} == {
         (lr, m) for lr in (1e-5, 3e-3) for m in ("full", "lora")
@@ -72,6 +76,16 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
     # one test figure, for the winner only, and it beats the un-tuned base
     assert [r["test_loss"] for r in table if r["test_loss"]] == [best["test_loss"]]
     assert winner["test_loss"] < winner["base_test_loss"]
+    assert base_row["status"] == "base (un-tuned)"
+    assert float(base_row["test_loss"]) == pytest.approx(winner["base_test_loss"])
+    # the task metrics: each with the lift over the base and its interval
+    assert list(winner["test"]) == ["loss", "rouge_l", "chrf"]
+    for metric, v in winner["test"].items():
+        assert v["low"] <= v["lift"] <= v["high"]
+        assert v["lift"] == pytest.approx(v["winner"] - v["base"])
+        assert float(best[f"test_{metric}"]) == pytest.approx(v["winner"])
+        assert float(base_row[f"test_{metric}"]) == pytest.approx(v["base"])
+    assert winner["test"]["loss"]["high"] < 0  # tuning lowered the loss beyond the noise
     assert winner["lineage"]["base_model"] == str(Path(base).resolve())
     assert winner["trials"] == {"finished": len(finished), "stopped early": len(stopped),
                                 "failed": 0}  # fmt: skip
@@ -80,9 +94,11 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
     model = AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert AutoTokenizer.from_pretrained(export, local_files_only=True).chat_template
-    assert test_loss(export, winner["lineage"]["task_prepared"], 8) == pytest.approx(
-        winner["test_loss"], rel=1e-4
-    )
+    prepared = winner["lineage"]["task_prepared"]
+    again = test_outcome(export, prepared, 8, task_of(spec, prepared))
+    assert len(again["targets"]) == winner["test_records"]
+    for metric, v in winner["test"].items():
+        assert lift(metric, again, again)["winner"] == pytest.approx(v["winner"], rel=1e-4)
     # every trial evaluated every 5 steps (what it reported to ASHA) until it stopped
     for r in table:
         lines = (run / "tune" / "trials" / r["trial_id"] / "metrics.jsonl").read_text()
@@ -92,6 +108,8 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
         assert evals[: int(r["step"]) // 5 + 1] == list(range(0, int(r["step"]) + 1, 5))
         if r["status"] == "finished":
             assert evals == [0, 5, 10, 15, 20]
+        rows = [row for row in map(json.loads, lines.splitlines()) if row["kind"] == "eval"]
+        assert all(0 <= row["val_rouge_l"] <= 1 and 0 <= row["val_chrf"] <= 1 for row in rows)
     # a finished sweep is reported, not rerun
     assert run_stage(spec, str(run))["trial_id"] == winner["trial_id"]
 

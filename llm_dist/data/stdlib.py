@@ -1,8 +1,11 @@
 """The quickstart corpus: the Python standard library's own sources, on every machine with Python.
 
-Two JSONL files: `stdlib.jsonl`, one document per top-level definition (or run of module-level
-statements) of each module, for pretraining; `stdlib_docstrings.jsonl`, a chat per documented
-function (OpenAI `messages`: a system turn, the signature, its docstring), a task for fine-tuning.
+Three JSONL files: `stdlib.jsonl`, one document per top-level definition (or run of
+module-level statements) of each module, for pretraining; `stdlib_docstrings.jsonl`, a chat per
+documented function (OpenAI `messages`: a system turn, the signature, its docstring), a
+generation task; `stdlib_packages.jsonl`, the documented functions of ten packages as `text`
+(the signature and docstring) and `label` (the package), a classification task. Every record
+has its module as `source`, so a task split by module tests on modules the model never saw.
 """
 
 import ast
@@ -12,6 +15,10 @@ from pathlib import Path
 
 SYSTEM = "Write the docstring of this Python function."
 SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
+# Packages in every CPython from 3.10 on, each with a hundred-odd documented functions or more
+PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest",
+            "urllib", "wsgiref", "xml")  # fmt: skip
+CLASSIFY = "Which standard-library package is this function from?"
 
 
 def stdlib_files() -> list[Path]:
@@ -21,14 +28,15 @@ def stdlib_files() -> list[Path]:
 
 
 def collect(out_dir: str | Path) -> dict[str, int]:
-    """Write both files under `out_dir`; returns how many records each got."""
+    """Write the three files under `out_dir`; returns how many records each got."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(sysconfig.get_paths()["stdlib"])
-    docs = pairs = 0
+    docs = pairs = labelled = 0
     with (
         open(out / "stdlib.jsonl", "w") as corpus,
         open(out / "stdlib_docstrings.jsonl", "w") as task,
+        open(out / "stdlib_packages.jsonl", "w") as classify,
     ):
         for path in stdlib_files():
             source = path.read_text(encoding="utf-8", errors="replace")
@@ -45,7 +53,13 @@ def collect(out_dir: str | Path) -> dict[str, int]:
                          {"role": "assistant", "content": response}]  # fmt: skip
                 task.write(json.dumps({"messages": turns, "source": name}) + "\n")
                 pairs += 1
-    return {"documents": docs, "docstring_pairs": pairs}
+                package = path.relative_to(root).parts[0]
+                if package in PACKAGES:
+                    record = {"system": CLASSIFY, "text": f"{prompt}\n{response}",
+                              "label": package, "source": name}  # fmt: skip
+                    classify.write(json.dumps(record) + "\n")
+                    labelled += 1
+    return {"documents": docs, "docstring_pairs": pairs, "labelled_functions": labelled}
 
 
 def _chunks(source: str, tree: ast.Module) -> list[str]:

@@ -3,7 +3,8 @@
 Every format becomes OpenAI-style `messages` first (`conversation`): `messages` as it is
 (`developer` turns are system turns, as OpenAI treats them; content a string or a list of text
 parts), alpaca's instruction (+ input) as the user turn and output as the assistant's,
-sharegpt's `conversations` of from/value (human, gpt, system), and `sft`'s prompt/response.
+sharegpt's `conversations` of from/value (human, gpt, system), `sft`'s prompt/response, and
+`classify`'s text as the user turn with its label as the assistant's answer.
 
 `encode` renders a conversation exactly as serving renders a prompt: the model's template
 (`DEFAULT_CHAT_TEMPLATE` only when it has none), BOS and every control token the template
@@ -44,14 +45,18 @@ def fields(task) -> list[str]:
         "alpaca": [task.instruction_field, task.input_field, task.output_field,
                    task.system_field],
         "sharegpt": [task.conversations_field, task.system_field],
+        "classify": [task.text_field, task.label_field, task.system_field],
     }[task.format] + ([task.group_field] if task.group_field else [])  # fmt: skip
 
 
 def conversation(record: dict, task) -> list[dict]:
     """The record as `[{"role", "content"}, ...]`; raises Unusable (missing_field, not_a_string,
-    not_a_list, empty, bad_role, no_assistant_turn)."""
+    not_a_list, empty, bad_role, no_assistant_turn, unknown_label)."""
     system = "" if task.format == "messages" else _text(record, task.system_field, optional=True)
     head = [{"role": "system", "content": system}] if system else []
+    if task.format == "classify":
+        return [*head, {"role": "user", "content": _text(record, task.text_field)},
+                {"role": "assistant", "content": label_of(record, task)}]  # fmt: skip
     if task.format == "sft":
         return [*head, {"role": "user", "content": _text(record, task.prompt_field)},
                 {"role": "assistant", "content": _text(record, task.response_field)}]  # fmt: skip
@@ -77,6 +82,26 @@ def conversation(record: dict, task) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise Unusable("no_assistant_turn", name)
     return messages
+
+
+def label_of(record: dict, task) -> str:
+    """A classify record's label: its string, or a whole number's digits; raises Unusable
+    (unknown_label) when `task.labels` is set and does not hold it."""
+    value = record.get(task.label_field)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    label = _checked(value, task.label_field)
+    if task.labels is not None and label not in task.labels:
+        raise Unusable("unknown_label", f"{task.label_field}: {label!r} is not in tune.task.labels")
+    return label
+
+
+def answer_ids(tokenizer, label: str) -> list[int]:
+    """The tokens of an assistant turn that answers `label`: its text and the template's
+    closing (what a classify window ends with, and what each label is scored by)."""
+    ids, mask = encode(tokenizer, [{"role": "user", "content": "x"},
+                                   {"role": "assistant", "content": label}])  # fmt: skip
+    return [i for i, m in zip(ids, mask, strict=True) if m]
 
 
 def _text(record: dict, name: str | None, optional: bool = False) -> str:

@@ -36,6 +36,7 @@ def train_loop(config: dict) -> None:
 
     from llm_dist.data import feed
     from llm_dist.data.tokenizer import load as load_tokenizer
+    from llm_dist.finetune import evaluate
     from llm_dist.manifest import save_into, write_json
     from llm_dist.model import build, flops_per_token
     from llm_dist.train import checkpoint
@@ -72,6 +73,12 @@ def train_loop(config: dict) -> None:
     logs = MetricsLog(out, c.queue) if rank == 0 else None
     val = feed.head_batches(prepared, "val", p.eval_batches * p.micro_batch_size * world,
                             p.micro_batch_size, rank, world)  # fmt: skip
+    # a trial's task metrics (tune.task.metrics), from greedy answers or label likelihoods
+    task = evaluate.task_of(spec, prepared) if finetuning is not None else None
+    synced = p.zero_stage == 3 and world > 1  # ZeRO-3 ranks generate in step
+
+    def validate() -> dict:
+        return _validate(engine, tokenizer, val, T, device, task, synced)
 
     # ---- resume: rank 0 picks the newest whole checkpoint, every rank loads it
     ckpt_root = f"{out}/checkpoints"
@@ -80,15 +87,16 @@ def train_loop(config: dict) -> None:
     state = {"step": 0, "epoch": 0, "tokens": 0, "bad_steps": 0, "val_loss_at_start": None}
     ledger = [np.zeros((0, 2), np.int64)]  # this rank's (step, id) rows of the epoch in progress
     consumed = np.zeros((0, 2), np.int64)  # every rank's rows, up to the checkpoint resumed
-    val_loss = None  # the latest validation loss
+    scores = None  # the latest validation figures (val_loss, task metrics)
     if found[0] is not None:
         folder, meta = found[0]
         ledger[0], consumed = checkpoint.load(engine, folder)
         state = {k: meta[k] for k in state}
         _note(logs, {"event": "resumed", "step": state["step"], "checkpoint": folder})
     else:
-        state["val_loss_at_start"] = val_loss = _evaluate(engine, val, T, device)
-        _write(logs, 0, "eval", {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+        scores = validate()
+        state["val_loss_at_start"] = scores["val_loss"]
+        _write(logs, 0, "eval", {**scores, "val_ppl": math.exp(scores["val_loss"])})
 
     # ---- train
     # loss sum, target tokens, tokens processed, data wait: since the last metrics row
@@ -143,11 +151,11 @@ def train_loop(config: dict) -> None:
                 })  # fmt: skip
                 started, window = time.perf_counter(), np.zeros(4)
             if step % p.eval_every == 0 or step == p.max_steps:
-                val_loss = _evaluate(engine, val, T, device)
-                _write(logs, step, "eval", {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+                scores = validate()
+                _write(logs, step, "eval", {**scores, "val_ppl": math.exp(scores["val_loss"])})
             if step % p.checkpoint_every == 0 and step < p.max_steps:  # the last one: below
                 folder = checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root,
-                                         _reported(state, val_loss))  # fmt: skip
+                                         _reported(state, scores))  # fmt: skip
                 _note(logs, {"event": "checkpoint", "step": step, "checkpoint": folder})
                 logs and logs.publish()
             if step == p.max_steps:
@@ -157,8 +165,8 @@ def train_loop(config: dict) -> None:
             state["epoch"], ledger, consumed = state["epoch"] + 1, [ledger[0][:0]], consumed[:0]
     feed.write_ledger(np.concatenate(ledger), f"{out}/ledger", state["epoch"])
 
-    if val_loss is None:  # resumed at max_steps: nothing was evaluated in this attempt
-        val_loss = _evaluate(engine, val, T, device)
+    if scores is None:  # resumed at max_steps: nothing was evaluated in this attempt
+        scores = validate()
 
     # ---- the end, inside the final checkpoint (see the module docstring): its state is written
     # first, since the export's LoRA merge changes the model; its report comes last.
@@ -186,8 +194,7 @@ def train_loop(config: dict) -> None:
                 save_into(save, f"{out}/export")
         dist.barrier()
         if rank == 0:
-            result = {**state, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
-                      "test_loss": test_loss, "export": f"{out}/export", "samples": samples,
+            result = {**state, **_reported(state, scores), "test_loss": test_loss, "export": f"{out}/export", "samples": samples,
                       "world_size": world, "flops_per_token": flops,
                       "peak_flops_per_worker": peak, "peak_flops_source": peak_source}  # fmt: skip
             if test_loss is not None:
@@ -198,7 +205,7 @@ def train_loop(config: dict) -> None:
 
     # The local disk holds the checkpoint's shard and the export at once while `finish` runs.
     folder = checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root,
-                             _reported(state, val_loss), before_report=finish)  # fmt: skip
+                             _reported(state, scores), before_report=finish)  # fmt: skip
     _note(logs, {"event": "checkpoint", "step": state["step"], "checkpoint": folder})
     if logs is not None:
         logs.close()
@@ -238,8 +245,9 @@ def _synced(batches, T: int, device):
                "wait": wait}  # fmt: skip
 
 
-def loss_sum_of(model, tokens, mask=None):
-    """Summed next-token cross-entropy of `tokens` (b, T+1): inputs [:, :-1], targets [:, 1:].
+def loss_sum_of(model, tokens, mask=None, per_row: bool = False):
+    """Summed next-token cross-entropy of `tokens` (b, T+1): inputs [:, :-1], targets [:, 1:];
+    a scalar, or (b,) with `per_row`.
 
     With a `mask` (b, T+1), only tokens marked 1 count as targets (an SFT response).
     """
@@ -249,8 +257,9 @@ def loss_sum_of(model, tokens, mask=None):
     targets = tokens[:, 1:]
     if mask is not None:
         targets = targets.masked_fill(mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                           reduction="sum")  # fmt: skip
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                             reduction="none")  # fmt: skip
+    return losses.view(targets.shape).sum(1) if per_row else losses.sum()
 
 
 def _evaluate(engine, batches, T: int, device) -> float:
@@ -267,6 +276,27 @@ def _evaluate(engine, batches, T: int, device) -> float:
     dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1]).item()
+
+
+def _validate(engine, tokenizer, val, T: int, device, task: dict | None, synced: bool) -> dict:
+    """`val_loss` over every rank's `val` batches and, for a task with metrics, `val_<metric>`
+    of each over every rank's answers and `task_seconds`, the time the answers took."""
+    import torch.distributed as dist
+
+    from llm_dist.finetune.evaluate import outcome
+    from llm_dist.finetune.scores import compute
+
+    figures = {"val_loss": _evaluate(engine, val, T, device)}
+    if task is None:
+        return figures
+    start = time.perf_counter()
+    mine = outcome(engine.module, tokenizer, val, task, device, synced_gpus=synced)
+    engine.train()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    merged = {k: [v for answers in everyone for v in answers[k]] for k in mine}
+    figures |= {f"val_{m}": v for m, v in compute(task["metrics"], merged).items()}
+    return figures | {"task_seconds": time.perf_counter() - start}
 
 
 def _samples(model, tokenizer, val, device, prompts: int = 3, new_tokens: int = 32) -> list[dict]:
@@ -292,11 +322,14 @@ def _samples(model, tokenizer, val, device, prompts: int = 3, new_tokens: int = 
     return out
 
 
-def _reported(state: dict, val_loss: float | None) -> dict:
-    """What a checkpoint reports to Ray Train: progress and the latest validation figures,
-    which Ray Tune's schedulers decide on."""
-    return {"step": state["step"], "tokens": state["tokens"], "val_loss": val_loss,
-            "val_perplexity": None if val_loss is None else math.exp(val_loss)}  # fmt: skip
+def _reported(state: dict, scores: dict | None) -> dict:
+    """What a checkpoint reports to Ray Train: progress and the latest validation figures
+    (val_loss, val_perplexity, each task metric's `val_<name>`), which Ray Tune's schedulers
+    decide on."""
+    figures = {k: v for k, v in (scores or {"val_loss": None}).items() if k.startswith("val_")}
+    loss = figures["val_loss"]
+    return {"step": state["step"], "tokens": state["tokens"], **figures,
+            "val_perplexity": None if loss is None else math.exp(loss)}  # fmt: skip
 
 
 def _write(logs, step: int, kind: str, values: dict) -> None:

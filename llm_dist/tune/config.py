@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from llm_dist.base import Section
+from llm_dist.finetune.scores import CLASSIFICATION, GENERATION, METRICS
 
 # Trial settings a search space may vary (each is also a field of TuneConfig, its default).
 TUNABLE = ("lr", "weight_decay", "warmup_steps", "micro_batch_size", "method",
@@ -19,10 +20,20 @@ class TaskConfig(Section):
 
     sources: list[str] = Field(default_factory=list)
     """Files, folders or globs of .jsonl / .jsonl.gz / .parquet (and .txt for format text) with the task's records."""
-    format: Literal["messages", "sft", "alpaca", "sharegpt", "text"] = "messages"
-    """messages (OpenAI chat turns), sft (prompt/response pairs), alpaca (instruction, input, output), sharegpt (conversations of from/value): loss on the assistant turns only; text: continued pretraining on `text_field`."""
+    format: Literal["messages", "sft", "alpaca", "sharegpt", "classify", "text"] = "messages"
+    """messages (OpenAI chat turns), sft (prompt/response pairs), alpaca (instruction, input, output), sharegpt (conversations of from/value), classify (a text and its label: the label is the assistant's answer, predicted by each label's likelihood): loss on the assistant turns only; text: continued pretraining on `text_field`."""
     text_field: str = "text"
-    """The text field (format text)."""
+    """The text field (formats text and classify)."""
+    label_field: str = "label"
+    """The label field (format classify): a string, or a whole number taken as its digits."""
+    labels: list[str] | None = None
+    """The label set (format classify); records with another label are quarantined (unknown_label). Empty: every label the records have."""
+    metrics: list[Literal[METRICS]] = Field(default_factory=list)
+    """Task metrics computed at every evaluation on the validation split (reported as `val_<name>`, which `tune.metric` may name) and on the test split for the winner and the base: exact_match, rouge_l, chrf (greedy answers; chat formats) or accuracy, f1_macro (format classify, where empty means both). All are 0-1, higher is better."""
+    max_new_tokens: int = Field(64, ge=1)
+    """Most tokens of a greedy answer for the generation metrics (it also ends at an end-of-turn token or a stop string)."""
+    stop: list[str] = Field(default_factory=list)
+    """Stop strings that end a greedy answer for the generation metrics (cut before the string)."""
     prompt_field: str = "prompt"
     """The instruction field (format sft)."""
     response_field: str = "response"
@@ -55,6 +66,24 @@ class TaskConfig(Section):
                 f"tune.task.val_fraction + tune.task.test_fraction: {self.val_fraction} + "
                 f"{self.test_fraction} leaves no training records; keep their sum below 1"
             )
+        if self.format == "classify" and not self.metrics:
+            self.metrics = list(CLASSIFICATION)
+        allowed = {"classify": CLASSIFICATION, "text": ()}.get(self.format, GENERATION)
+        wrong = [m for m in self.metrics if m not in allowed]
+        if wrong:
+            raise ValueError(
+                f"tune.task.metrics: {', '.join(wrong)} cannot be computed for format "
+                f"{self.format}; use " + (", ".join(allowed) or "none (text has no answers)")
+            )
+        if self.labels is not None and (
+            len(set(self.labels)) < 2 or len(set(self.labels)) < len(self.labels)
+            or not all(label.strip() for label in self.labels)
+        ):  # fmt: skip
+            raise ValueError(
+                f"tune.task.labels: {self.labels} needs two or more distinct, non-blank labels"
+            )
+        if self.labels is not None and self.format != "classify":
+            raise ValueError("tune.task.labels: only format classify has labels; remove it")
         return self
 
 
@@ -109,14 +138,28 @@ class TuneConfig(Section):
     """Trials to sample (each grid point is repeated this many times)."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Trials running at once; empty lets Ray fill the cluster."""
-    metric: Literal["val_loss", "val_perplexity"] = "val_loss"
-    """The validation metric that ranks trials (what every trial reports at each evaluation)."""
-    mode: Literal["min", "max"] = "min"
-    """Whether a lower or higher metric wins."""
+    metric: str = "val_loss"
+    """The validation metric that ranks trials and that ASHA decides on: val_loss, val_perplexity, or `val_<name>` of a metric in tune.task.metrics (val_accuracy, val_rouge_l, ...)."""
+    mode: Literal["min", "max"] | None = None
+    """Whether a lower or higher metric wins; empty: min for val_loss and val_perplexity, max for the task metrics."""
 
     @model_validator(mode="after")
     def _check(self):
         problems = []
+        lower = ("val_loss", "val_perplexity")
+        known = [*lower, *(f"val_{m}" for m in self.task.metrics)]
+        if self.metric not in known:
+            fix = (f"add {self.metric[4:]} to tune.task.metrics" if self.metric[4:] in METRICS
+                   else "see tune.task.metrics")  # fmt: skip
+            problems.append(f"tune.metric: {self.metric} is not reported; use one of "
+                            f"{', '.join(known)}, or {fix}")  # fmt: skip
+        else:
+            direction = "min" if self.metric in lower else "max"
+            if self.mode is None:
+                self.mode = direction
+            elif self.mode != direction:
+                problems.append(f"tune.mode: {self.mode}, but a {'lower' if direction == 'min' else 'higher'} "
+                                f"{self.metric} is better; set tune.mode: {direction} or leave it empty")  # fmt: skip
         for name, dim in self.search_space.items():
             where = f"tune.search_space.{name}"
             if name not in TUNABLE:

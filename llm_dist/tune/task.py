@@ -31,6 +31,7 @@ from llm_dist.finetune.formats import DEFAULT_CHAT_TEMPLATE
 from llm_dist.manifest import filesystem, read_json, save_into, storage_uri, write_json
 
 _TOKENIZERS: dict[str, object] = {}  # per Ray worker process: load the tokenizer once
+_ANSWERS: dict[tuple[str, str], list[int]] = {}  # and encode each label's answer once
 
 
 def prepare_task(spec, base: str) -> dict:
@@ -42,7 +43,7 @@ def prepare_task(spec, base: str) -> dict:
     """
     from llm_dist.data.read import read_corpus
     from llm_dist.data.tokenizer import load
-    from llm_dist.finetune.formats import Unusable, encode, fields
+    from llm_dist.finetune.formats import Unusable, answer_ids, encode, fields
     from llm_dist.manifest import local_folder
 
     t, base = spec.tune.task, local_folder(base)
@@ -73,9 +74,10 @@ def prepare_task(spec, base: str) -> dict:
         raise UserError(f"tune.base_model: its chat template cannot render a user and an "
                         f"assistant turn ({e.reason}: {e}); fix chat_template in "
                         f"{base}/tokenizer_config.json") from None  # fmt: skip
-    key = {"files": files, "task": t.model_dump(), "seq_len": spec.data.seq_len,
+    settings = t.model_dump(exclude={"metrics", "max_new_tokens", "stop"})  # evaluation only
+    key = {"files": files, "task": settings, "seq_len": spec.data.seq_len,
            "seed": spec.data.seed, "tokenizer": tokenizer.backend_tokenizer.to_str(),
-           "template": tokenizer.chat_template, "version": 2}  # fmt: skip
+           "template": tokenizer.chat_template, "version": 3}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     root = storage_uri(spec, "prepared", f"task-{digest}")
     done = read_json(root, "prepared.json")
@@ -107,6 +109,13 @@ def prepare_task(spec, base: str) -> dict:
             f"the tune.task *_field names of format {t.format}, raise data.seq_len if records "
             "are too long, or raise tune.task.max_bad_fraction"
         )
+    found = stats.pop("labels")
+    if t.format == "classify":  # the label set, and the tokens each label is scored by
+        labels = t.labels or sorted(found)
+        if len(labels) < 2:
+            raise UserError(f"tune.task.{t.label_field}: the records have one label ({labels}); "
+                            "a classification task needs two or more")  # fmt: skip
+        stats |= {"labels": labels, "label_ids": [answer_ids(tokenizer, x) for x in labels]}
     stats = {"prepared": root, "format": t.format, "tokenizer": f"{root}/tokenizer",
              "seq_len": spec.data.seq_len, "quarantine": f"{root}/quarantine.jsonl", **stats}  # fmt: skip
     write_json(root, "prepared.json", stats)
@@ -119,7 +128,7 @@ def _encode(batch, tokenizer: str, t, width: int, seed: int):
     import pyarrow as pa
 
     from llm_dist.data.tokenizer import load
-    from llm_dist.finetune.formats import Unusable, conversation, encode
+    from llm_dist.finetune.formats import Unusable, answer_ids, conversation, encode
     from llm_dist.manifest import local_folder
 
     if tokenizer not in _TOKENIZERS:
@@ -128,13 +137,20 @@ def _encode(batch, tokenizer: str, t, width: int, seed: int):
     n, texts, reasons = batch.num_rows, batch["text"].to_pylist(), batch["reason"].to_pylist()
     heads = batch["head"].to_pylist()
     tokens, mask = np.full((n, width), tok.pad_token_id, np.int32), np.zeros((n, width), np.int8)
-    splits = np.zeros(n, np.int8)
+    splits, labels = np.zeros(n, np.int8), [None] * n
     for row, text in enumerate(texts):
         if reasons[row] is not None:  # the reader's own: invalid_json, invalid_utf8, ...
             continue
         try:
             record = json.loads(text)
-            ids, marks = encode(tok, conversation(record, t))
+            chat = conversation(record, t)
+            ids, marks = encode(tok, chat)
+            if t.format == "classify":
+                labels[row], start = chat[-1]["content"], marks.index(1)
+                if (tokenizer, labels[row]) not in _ANSWERS:
+                    _ANSWERS[tokenizer, labels[row]] = answer_ids(tok, labels[row])
+                answer = _ANSWERS[tokenizer, labels[row]]
+                ids, marks = ids[:start] + answer, marks[:start] + [1] * len(answer)
             if len(ids) > width:
                 raise Unusable("too_long", f"{len(ids)} tokens > data.seq_len + 1 = {width}")
         except Unusable as e:
@@ -154,6 +170,7 @@ def _encode(batch, tokenizer: str, t, width: int, seed: int):
         "mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.ravel()), width),
         "reason": pa.array(reasons, pa.string()), "source": batch["source"],
         "line": batch["line"], "head": pa.array(heads, pa.string()),
+        "label": pa.array(labels, pa.string()),
     })  # fmt: skip
 
 
@@ -171,7 +188,7 @@ def _write(windows, width: int, root: str) -> dict:
         filesys.create_dir(f"{path}/{name}", recursive=True)
         writers[name] = pq.ParquetWriter(f"{path}/{name}/part-00000.parquet", schema,
                                          filesystem=filesys)  # fmt: skip
-    sequences, unusable, records, next_id = dict.fromkeys(SPLITS, 0), {}, 0, 0
+    sequences, unusable, records, next_id, labels = dict.fromkeys(SPLITS, 0), {}, 0, 0, set()
     quarantine = filesys.open_output_stream(f"{path}/quarantine.jsonl")
     for table in windows.iter_batches(batch_format="pyarrow", batch_size=None):
         records += table.num_rows
@@ -182,6 +199,7 @@ def _write(windows, width: int, root: str) -> dict:
             unusable[record["reason"]] = unusable.get(record["reason"], 0) + 1
             quarantine.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
         good = table.filter(pc.is_null(table["reason"]))
+        labels |= set(good["label"].drop_null().to_pylist())
         for s, name in enumerate(SPLITS):
             part = good.filter(pc.equal(good["split"], s))
             ids = pa.array(np.arange(next_id, next_id + part.num_rows, dtype=np.int64))
@@ -190,4 +208,4 @@ def _write(windows, width: int, root: str) -> dict:
             sequences[name] += part.num_rows
     for w in [*writers.values(), quarantine]:
         w.close()
-    return {"records": records, "sequences": sequences, "unusable": unusable}
+    return {"records": records, "sequences": sequences, "unusable": unusable, "labels": labels}

@@ -2,7 +2,9 @@
 
 The winner is the best trial that trained to the end (trials ASHA stopped have no export) by
 the validation metric. Only then is the test split used: once for the winner's export and once
-for the un-tuned base, both in Ray tasks, so the two figures compare like with like.
+for the un-tuned base, both in Ray tasks, so the two figures compare like with like: the loss
+and every task metric, each with the lift (winner minus base) and its 95% paired bootstrap
+interval over the test records (`llm_dist.finetune.scores.lift`).
 """
 
 import math
@@ -10,6 +12,8 @@ import os
 import time
 
 from llm_dist.base import UserError
+from llm_dist.finetune import evaluate
+from llm_dist.finetune.scores import lift
 from llm_dist.manifest import filesystem, read_json, read_manifest, write_json
 
 
@@ -47,20 +51,27 @@ def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) 
     sign = 1 if t.mode == "min" else -1
     best = min(finished, key=lambda r: sign * r[t.metric])
     start, gpus = time.perf_counter(), 1 if use_gpu(spec) else 0
-    score = ray.remote(num_cpus=1, num_gpus=gpus)(test_loss)
-    winner_test, base_test = ray.get([
-        score.remote(f"{best['out']}/export", task["prepared"], t.micro_batch_size),
-        score.remote(base, task["prepared"], t.micro_batch_size),
+    answers = evaluate.task_of(spec, task["prepared"])
+    score = ray.remote(num_cpus=1, num_gpus=gpus)(test_outcome)
+    ours, theirs = ray.get([
+        score.remote(f"{best['out']}/export", task["prepared"], t.micro_batch_size, answers),
+        score.remote(base, task["prepared"], t.micro_batch_size, answers),
     ])  # fmt: skip
+    test = {m: lift(m, ours, theirs, spec.pretrain.seed)
+            for m in ["loss", *(answers["metrics"] if answers else [])]}  # fmt: skip
+    winner_test, base_test = test["loss"]["winner"], test["loss"]["base"]
     for r in rows:
-        r["test_loss"] = winner_test if r is best else None
-    _save_csv(rows, f"{run}/tune", "results.csv")
+        r |= {f"test_{m}": v["winner"] if r is best else None for m, v in test.items()}
+    base_row = {"trial_id": "base", "status": "base (un-tuned)", "out": base,
+                **{f"test_{m}": v["base"] for m, v in test.items()}}  # fmt: skip
+    _save_csv([*rows, base_row], f"{run}/tune", "results.csv")
     trial_result = best["result"]
     winner = {
         "trial_id": best["trial_id"], "metric": t.metric, "mode": t.mode,
         "value": best[t.metric], "test_loss": winner_test,
         "test_perplexity": math.exp(winner_test), "base_test_loss": base_test,
         "base_test_perplexity": math.exp(base_test),
+        "test": test, "test_records": len(ours["targets"]),
         "config": {**{k: getattr(t, k) for k in ("method", "lr", "weight_decay",
                    "warmup_steps", "micro_batch_size", "lora_r", "lora_alpha", "lora_dropout",
                    "freeze_layers")}, **{k: best[k] for k in t.search_space}},
@@ -78,34 +89,38 @@ def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) 
     return winner
 
 
-def test_loss(folder: str, prepared: str, batch_size: int) -> float:
-    """Mean loss per target token of the HF model in `folder` over a prepared split `test`."""
+def test_outcome(folder: str, prepared: str, batch_size: int, answers: dict | None) -> dict:
+    """The HF model in `folder` on every record of a prepared split `test`, in order: per-record
+    `loss_sum` (nats) and `targets` (tokens), and with `answers` (`evaluate.task_of`) its
+    answers for the task metrics (`evaluate.outcome`)."""
     import pyarrow.dataset as pds
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llm_dist.manifest import local_folder
     from llm_dist.train.loop import loss_sum_of
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from llm_dist.manifest import local_folder
-
-    model = AutoModelForCausalLM.from_pretrained(local_folder(folder), local_files_only=True)
+    folder = local_folder(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     model = model.to(device).eval()
     filesys, path = filesystem(f"{prepared}/test")
     table = pds.dataset(path, filesystem=filesys, format="parquet").to_table()
     width = table.schema.field("tokens").type.list_size
-    total, targets = 0.0, 0
+    batches = [{name: torch.from_numpy(batch[name].flatten().to_numpy().reshape(-1, width).astype("int64"))
+                for name in ("tokens", "mask") if name in batch.schema.names}
+               for batch in table.to_batches(batch_size)]  # fmt: skip
+    out = {"loss_sum": [], "targets": []}
     with torch.no_grad():
-        for batch in table.to_batches(batch_size):
-            tokens = batch["tokens"].flatten().to_numpy().reshape(-1, width)
-            tokens = torch.from_numpy(tokens.astype("int64")).to(device)
-            mask = None
-            if "mask" in batch.schema.names:
-                mask = torch.from_numpy(batch["mask"].flatten().to_numpy().reshape(-1, width))
-                mask = mask.to(device)
-            total += loss_sum_of(model, tokens, mask).item()
-            targets += (width - 1) * len(tokens) if mask is None else int(mask[:, 1:].sum())
-    return total / targets
+        for b in batches:
+            mask = b.get("mask")
+            tokens = b["tokens"].to(device)
+            out["loss_sum"] += loss_sum_of(model, tokens, mask if mask is None else mask.to(device), per_row=True).tolist()  # fmt: skip
+            out["targets"] += [width - 1] * len(tokens) if mask is None else mask[:, 1:].sum(1).tolist()  # fmt: skip
+    if answers is not None:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        out |= evaluate.outcome(model, tokenizer, batches, answers, device)
+    return out
 
 
 def _lineage(spec, run: str, base: str, task: dict) -> dict:
@@ -163,12 +178,18 @@ def _print(rows: list[dict], t, winner: dict) -> None:
             "" if seconds is None else f"{seconds:.0f}s",
             "" if r["test_loss"] is None else f"{r['test_loss']:.4f}",
         )  # fmt: skip
+    scores = Table(title=f"test split ({winner['test_records']:,} records): the winner against "
+                         "the un-tuned base, once each")  # fmt: skip
+    for column in ("metric", "base", "winner", "lift", "95% interval"):
+        scores.add_column(column, justify="left" if column == "metric" else "right")
+    for metric, v in winner["test"].items():
+        scores.add_row(metric + (" (lower is better)" if metric == "loss" else ""),
+                       f"{v['base']:.4f}", f"{v['winner']:.4f}", f"{v['lift']:+.4f}",
+                       f"[{v['low']:+.4f}, {v['high']:+.4f}]")  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a log file: no 80-column squeeze of the table
         console = Console(width=160)
     console.print(table)
-    console.print(
-        f"winner {winner['trial_id']}: {t.metric} {winner['value']:.4f}; test loss "
-        f"{winner['test_loss']:.4f} vs the un-tuned base's {winner['base_test_loss']:.4f}; "
-        f"export: {winner['export']}"
-    )
+    console.print(scores)
+    console.print(f"winner {winner['trial_id']}: {t.metric} {winner['value']:.4f}; "
+                  f"export: {winner['export']}")  # fmt: skip

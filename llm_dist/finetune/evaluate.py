@@ -1,0 +1,126 @@
+"""A model's answers to task windows: greedy generations, or each label's likelihood.
+
+A window (`tokens`, `mask` of width seq_len + 1) holds a rendered chat whose last assistant
+turn is its last run of mask 1s: the tokens before it are the prompt, exactly as the server
+would encode the chat, and the run itself is the reference answer. The worker loop calls
+`outcome` on its share of the validation split at every evaluation of a trial; the sweep's
+winner and the un-tuned base get the same on the test split (`llm_dist.tune.winner`). Metrics
+come from the outcomes in `llm_dist.finetune.scores`.
+"""
+
+import numpy as np
+
+
+def task_of(spec, prepared: str) -> dict | None:
+    """What `outcome` needs of a tune task (format, metrics, generation limits, label token
+    ids), or None when `tune.task.metrics` is empty."""
+    from llm_dist.manifest import read_json
+
+    t = spec.tune.task
+    if not t.metrics:
+        return None
+    done = read_json(prepared, "prepared.json") or {}
+    return {"format": t.format, "metrics": list(t.metrics), "max_new_tokens": t.max_new_tokens,
+            "stop": list(t.stop), "labels": done.get("labels"),
+            "label_ids": done.get("label_ids")}  # fmt: skip
+
+
+def answer_span(mask) -> tuple[int, int]:
+    """(start, end) of the last run of 1s in a window's mask: the last assistant turn."""
+    ones = np.flatnonzero(np.asarray(mask))
+    if not len(ones):
+        return 0, 0
+    end = int(ones[-1]) + 1
+    gaps = np.flatnonzero(np.diff(ones) > 1)
+    start = int(ones[gaps[-1] + 1]) if len(gaps) else int(ones[0])
+    return start, end
+
+
+def outcome(model, tokenizer, batches, task: dict, device, synced_gpus: bool = False,
+            batch_size: int = 16) -> dict:  # fmt: skip
+    """The model's answers to every window in `batches` (dicts of `tokens`, `mask`), in order:
+    `{"predicted", "labels"}` (label indices) for format classify, else `{"predictions",
+    "references"}` (texts). `synced_gpus`: every rank of a ZeRO-3 group calls this with as
+    many windows, and generation keeps them in step (transformers' `synced_gpus`)."""
+    import torch
+
+    rows = [(r.numpy(), m.numpy()) for b in batches for r, m in zip(b["tokens"], b["mask"], strict=True)]  # fmt: skip
+    spans = [answer_span(m) for _, m in rows]
+    prompts = [r[:s].tolist() for (r, _), (s, _) in zip(rows, spans, strict=True)]
+    answers = [r[s:e].tolist() for (r, _), (s, e) in zip(rows, spans, strict=True)]
+    model.eval()
+    with torch.no_grad():
+        if task["format"] == "classify":
+            known = {tuple(ids): k for k, ids in enumerate(task["label_ids"])}
+            scores = label_scores(model, prompts, task["label_ids"], device, batch_size)
+            return {"predicted": scores.argmax(1).tolist(),
+                    "labels": [known.get(tuple(a), -1) for a in answers]}  # fmt: skip
+        predictions = generate(model, tokenizer, prompts, task["max_new_tokens"], task["stop"],
+                               device, synced_gpus, batch_size)  # fmt: skip
+    references = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+    return {"predictions": predictions, "references": references}
+
+
+def label_scores(model, prompts: list[list[int]], label_ids: list[list[int]], device,
+                 batch_size: int = 16) -> np.ndarray:  # fmt: skip
+    """(prompts, labels) log-likelihood, in nats, of each label's answer tokens (its text and the
+    template's closing, e.g. EOS) after each prompt: the model's choice is the row's argmax."""
+    import torch
+    import torch.nn.functional as F
+
+    pairs = [(i, k) for i in range(len(prompts)) for k in range(len(label_ids))]
+    out = np.zeros((len(prompts), len(label_ids)))
+    pad = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        seqs = [prompts[i] + label_ids[k] for i, k in chunk]
+        width = max(map(len, seqs))
+        tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
+        targets = torch.full((len(seqs), width), -100, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, ((i, _), seq) in enumerate(zip(chunk, seqs, strict=True)):
+            tokens[row, : len(seq)], attention[row, : len(seq)] = torch.tensor(seq), 1
+            targets[row, len(prompts[i]) : len(seq)] = torch.tensor(seq[len(prompts[i]) :])
+        tokens, targets, attention = tokens.to(device), targets.to(device), attention.to(device)
+        logits = model(input_ids=tokens, attention_mask=attention).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], reduction="none")
+        for row, (i, k) in enumerate(chunk):
+            out[i, k] = -nll[row].sum().item()
+    return out
+
+
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop: list[str],
+             device, synced_gpus: bool = False, batch_size: int = 16) -> list[str]:  # fmt: skip
+    """Greedy answers to each prompt, batched with left padding: each ends at an end-of-turn id
+    (the tokenizer's EOS and every id in the model's generation config, as `generate()` stops),
+    at the first stop string, or after `max_new_tokens` (fewer when the model's positions run
+    out); decoded without special tokens and stripped."""
+    import torch
+
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)  # fmt: skip
+    eos = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(map(len, chunk))
+        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, prompt in enumerate(chunk):
+            tokens[row, width - len(prompt) :], attention[row, width - len(prompt) :] = torch.tensor(prompt), 1  # fmt: skip
+        budget = max_new_tokens if positions is None else min(max_new_tokens, positions - width)
+        if budget <= 0:
+            texts += [""] * len(chunk)
+            continue
+        out = model.generate(input_ids=tokens.to(device), attention_mask=attention.to(device),
+                             max_new_tokens=budget, do_sample=False, pad_token_id=pad,
+                             eos_token_id=sorted(eos), synced_gpus=synced_gpus,
+                             stop_strings=stop or None, tokenizer=tokenizer if stop else None)  # fmt: skip
+        for ids in out[:, width:].tolist():
+            ends = [i for i, token in enumerate(ids) if token in eos]
+            text = tokenizer.decode(ids[: ends[0] if ends else len(ids)], skip_special_tokens=True)
+            cuts = [k for k in (text.find(s) for s in stop) if k >= 0]
+            texts.append((text[: min(cuts)] if cuts else text).strip())
+    return texts
