@@ -3,7 +3,7 @@ plain reference loops (labels by likelihood, greedy answers one prompt at a time
 
 import pytest
 import torch
-from architectures import build, tokenizer
+from architectures import ARCHITECTURES, build, tokenizer
 
 from llm_dist.finetune.evaluate import answer_span, generate, label_scores, outcome
 from llm_dist.finetune.formats import DEFAULT_CHAT_TEMPLATE, answer_ids, encode
@@ -58,7 +58,7 @@ def test_answer_span_is_the_last_assistant_turn():
     assert answer_span([0, 0]) == (0, 0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_labels_scored_by_likelihood_equal_a_plain_loop(arch):
     tok = tokenizer(template=DEFAULT_CHAT_TEMPLATE)
     model = build(arch, tok).eval()
@@ -84,7 +84,7 @@ def test_labels_scored_by_likelihood_equal_a_plain_loop(arch):
     assert answers == {"predicted": got.argmax(1).tolist(), "labels": truth}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_batched_greedy_answers_equal_one_prompt_at_a_time(arch):
     tok = tokenizer(template=DEFAULT_CHAT_TEMPLATE)
     model = build(arch, tok).eval()

@@ -64,28 +64,36 @@ def outcome(model, tokenizer, batches, task: dict, device, synced_gpus: bool = F
 def label_scores(model, prompts: list[list[int]], label_ids: list[list[int]], device,
                  batch_size: int = 16) -> np.ndarray:  # fmt: skip
     """(prompts, labels) log-likelihood, in nats, of each label's answer tokens (its text and the
-    template's closing, e.g. EOS) after each prompt: the model's choice is the row's argmax."""
+    template's closing, e.g. EOS) after each prompt: the model's choice is the row's argmax.
+
+    `batch_size` prompts go in one forward pass with every label each, left-padded (positions
+    counted from each row's first token), so every answer ends the row and only the last
+    positions' logits are computed (`logits_to_keep`).
+    """
     import torch
     import torch.nn.functional as F
 
-    pairs = [(i, k) for i in range(len(prompts)) for k in range(len(label_ids))]
-    out = np.zeros((len(prompts), len(label_ids)))
-    pad = 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        seqs = [prompts[i] + label_ids[k] for i, k in chunk]
+    k, longest = len(label_ids), max(map(len, label_ids))
+    out = np.zeros((len(prompts), k))
+    for start in range(0, len(prompts), batch_size):
+        seqs = [p + ids for p in prompts[start : start + batch_size] for ids in label_ids]
         width = max(map(len, seqs))
-        tokens = torch.full((len(seqs), width), pad, dtype=torch.long)
-        targets = torch.full((len(seqs), width), -100, dtype=torch.long)
+        tokens = torch.zeros((len(seqs), width), dtype=torch.long)
         attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, ((i, _), seq) in enumerate(zip(chunk, seqs, strict=True)):
-            tokens[row, : len(seq)], attention[row, : len(seq)] = torch.tensor(seq), 1
-            targets[row, len(prompts[i]) : len(seq)] = torch.tensor(seq[len(prompts[i]) :])
-        tokens, targets, attention = tokens.to(device), targets.to(device), attention.to(device)
-        logits = model(input_ids=tokens, attention_mask=attention).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], reduction="none")
-        for row, (i, k) in enumerate(chunk):
-            out[i, k] = -nll[row].sum().item()
+        targets = torch.full((len(seqs), longest), -100, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            tokens[row, width - len(seq) :], attention[row, width - len(seq) :] = (
+                torch.tensor(seq),
+                1,
+            )
+            answer = label_ids[row % k]
+            targets[row, longest - len(answer) :] = torch.tensor(answer)
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        logits = model(input_ids=tokens.to(device), attention_mask=attention.to(device),
+                       position_ids=positions.to(device), logits_to_keep=longest + 1).logits  # fmt: skip
+        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.to(device),
+                              reduction="none")  # fmt: skip
+        out[start : start + len(seqs) // k] = -nll.sum(1).view(-1, k).detach().cpu().numpy()
     return out
 
 

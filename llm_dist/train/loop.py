@@ -9,8 +9,10 @@ trained to its budget is whole before anyone can decide to stop it.
 
 Pretraining and every fine-tuning trial run this same loop. A trial differs only in its
 config: the model is the base folder (`spec.model.path`), `method` wraps it (LoRA adapters or
-frozen layers), windows carry a `mask` of the tokens that are targets (an SFT response), and
-the test split is left alone (only the sweep's winner is ever scored on it).
+frozen layers), windows carry a `mask` of the tokens that are targets (an SFT response), each
+evaluation adds the task's metrics (`tune.task.metrics`: greedy answers or label likelihoods,
+`llm_dist.finetune.evaluate`), and the test split is left alone (only the sweep's winner is
+ever scored on it).
 
 Every rank consumes the same number of micro batches (`_synced`), so collectives never hang
 and an epoch's tail is not dropped: a rank that is out of data joins with a weightless row.
@@ -194,9 +196,10 @@ def train_loop(config: dict) -> None:
                 save_into(save, f"{out}/export")
         dist.barrier()
         if rank == 0:
-            result = {**state, **_reported(state, scores), "test_loss": test_loss, "export": f"{out}/export", "samples": samples,
-                      "world_size": world, "flops_per_token": flops,
-                      "peak_flops_per_worker": peak, "peak_flops_source": peak_source}  # fmt: skip
+            result = {**state, **_reported(state, scores), "test_loss": test_loss,
+                      "export": f"{out}/export", "samples": samples, "world_size": world,
+                      "flops_per_token": flops, "peak_flops_per_worker": peak,
+                      "peak_flops_source": peak_source}  # fmt: skip
             if test_loss is not None:
                 result["test_ppl"] = math.exp(test_loss)
                 _write(logs, state["step"], "test", {"test_loss": test_loss, "test_ppl": math.exp(test_loss)})  # fmt: skip

@@ -1,12 +1,14 @@
 """The fine-tuning task's data, tokenized with the base model's tokenizer and split three ways.
 
 format text: the data stage itself (its reading, cleaning and packing) on the task's sources.
-Chat formats (messages, sft, alpaca, sharegpt): the data stage's per-record reader keeps only
+Chat formats (messages, sft, alpaca, sharegpt, classify): the data stage's per-record reader keeps only
 the fields the format reads, untyped, so one odd record or an unused column that changes type
 costs nothing; each record becomes a conversation, rendered by the base model's own chat
 template into one window of seq_len + 1 tokens whose `mask` marks the assistant turns, the only
-tokens the loss counts (`llm_dist.finetune.formats`). A record that cannot (a missing field, a
-wrong type, a template that refuses it, too long for data.seq_len, ...) goes to
+tokens the loss counts (`llm_dist.finetune.formats`); a classify window ends with its label's
+answer tokens, the same for every record, which each label is scored by (`prepared.json` holds
+the label set and those tokens). A record that cannot (a missing field, a wrong type, a label
+not in tune.task.labels, a template that refuses it, too long for data.seq_len, ...) goes to
 `quarantine.jsonl` with its file, line and reason, and counts against
 `tune.task.max_bad_fraction`, checked before any trial starts (too_long ones are left out and
 counted, but not against the budget: they depend on data.seq_len, not on the data's quality).
@@ -124,7 +126,8 @@ def prepare_task(spec, base: str) -> dict:
 
 def _encode(batch, tokenizer: str, t, width: int, seed: int):
     """The reader's rows -> one padded window each: `split`, `tokens` and `mask` (width), or a
-    `reason` with the record's `source`, `line` and `head` for the quarantine."""
+    `reason` with the record's `source`, `line` and `head` for the quarantine. A classify
+    window ends with its label's `answer_ids` and has its `label`."""
     import pyarrow as pa
 
     from llm_dist.data.tokenizer import load

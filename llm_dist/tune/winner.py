@@ -27,18 +27,18 @@ def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) 
     from llm_dist.cluster import use_gpu
 
     t = spec.tune
-    rows = []
+    rows, validation = [], [f"val_{m}" for m in t.task.metrics]  # the task metrics, beside the loss
     for result in results:
         trial_id = os.path.basename(result.path)
         out = f"{run}/tune/trials/{trial_id}"
         done = read_json(out, "result.json")
         status = "failed" if result.error else "finished" if done else "stopped early"
-        metrics = result.metrics or {}
-        value = done[t.metric] if done else metrics.get(t.metric)
+        metrics = done or result.metrics or {}
+        ranked = [t.metric, *(m for m in ("val_loss", *validation) if m != t.metric)]
         rows.append({"trial_id": trial_id,
                      **{k: result.config.get(k) for k in t.search_space},
-                     t.metric: value, "step": done["step"] if done else metrics.get("step"),
-                     "status": status, "seconds": metrics.get("time_total_s"),
+                     **{m: metrics.get(m) for m in ranked}, "step": metrics.get("step"),
+                     "status": status, "seconds": (result.metrics or {}).get("time_total_s"),
                      "error": _first_line(result.error), "out": out, "result": done})  # fmt: skip
     finished = [r for r in rows if r["status"] == "finished" and r[t.metric] is not None]
     if not finished:
@@ -165,15 +165,16 @@ def _print(rows: list[dict], t, winner: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"tune: {len(rows)} trials, ranked by {t.metric} ({t.mode})")
-    for column in ("trial", *t.search_space, t.metric, "step", "status", "time", "test loss"):
+    validation = [k for k in rows[0] if k.startswith("val_")]  # the ranking metric first
+    for column in ("trial", *t.search_space, *validation, "step", "status", "time", "test loss"):
         table.add_column(
             column, justify="left" if column in ("trial", "status") else "right", no_wrap=True
         )
     for r in rows:
-        value, seconds = r[t.metric], r["seconds"]
+        seconds = r["seconds"]
         table.add_row(
             r["trial_id"], *(str(r[k]) for k in t.search_space),
-            "" if value is None else f"{value:.4f}", str(r["step"] or ""),
+            *("" if r[k] is None else f"{r[k]:.4f}" for k in validation), str(r["step"] or ""),
             r["status"] + (" (winner)" if r["trial_id"] == winner["trial_id"] else ""),
             "" if seconds is None else f"{seconds:.0f}s",
             "" if r["test_loss"] is None else f"{r['test_loss']:.4f}",
