@@ -66,34 +66,39 @@ def label_scores(model, prompts: list[list[int]], label_ids: list[list[int]], de
     """(prompts, labels) log-likelihood, in nats, of each label's answer tokens (its text and the
     template's closing, e.g. EOS) after each prompt: the model's choice is the row's argmax.
 
-    `batch_size` prompts go in one forward pass with every label each, left-padded (positions
-    counted from each row's first token), so every answer ends the row and only the last
-    positions' logits are computed (`logits_to_keep`).
+    Each batch of prompts (left-padded, positions counted from each row's first token) runs
+    once and keeps its KV cache; each label's tokens then run on a copy of that cache, so a
+    label costs its own few tokens, not the prompt again.
     """
-    import torch
-    import torch.nn.functional as F
+    import copy
 
-    k, longest = len(label_ids), max(map(len, label_ids))
-    out = np.zeros((len(prompts), k))
-    for start in range(0, len(prompts), batch_size):
-        seqs = [p + ids for p in prompts[start : start + batch_size] for ids in label_ids]
-        width = max(map(len, seqs))
-        tokens = torch.zeros((len(seqs), width), dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        targets = torch.full((len(seqs), longest), -100, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            tokens[row, width - len(seq) :], attention[row, width - len(seq) :] = (
-                torch.tensor(seq),
-                1,
-            )
-            answer = label_ids[row % k]
-            targets[row, longest - len(answer) :] = torch.tensor(answer)
-        positions = (attention.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=tokens.to(device), attention_mask=attention.to(device),
-                       position_ids=positions.to(device), logits_to_keep=longest + 1).logits  # fmt: skip
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.to(device),
-                              reduction="none")  # fmt: skip
-        out[start : start + len(seqs) // k] = -nll.sum(1).view(-1, k).detach().cpu().numpy()
+    import torch
+
+    out = np.zeros((len(prompts), len(label_ids)))
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            n, width = len(chunk), max(map(len, chunk))
+            tokens = torch.zeros((n, width), dtype=torch.long)
+            attention = torch.zeros((n, width), dtype=torch.long)
+            for row, prompt in enumerate(chunk):
+                tokens[row, width - len(prompt) :], attention[row, width - len(prompt) :] = torch.tensor(prompt), 1  # fmt: skip
+            tokens, attention = tokens.to(device), attention.to(device)
+            lengths = attention.sum(1, keepdim=True)
+            first = model(input_ids=tokens, attention_mask=attention, use_cache=True, logits_to_keep=1,
+                          position_ids=(attention.cumsum(1) - 1).clamp(min=0))  # fmt: skip
+            next_token = first.logits[:, -1].float().log_softmax(-1)  # (n, V)
+            for k, ids in enumerate(label_ids):
+                score = next_token[:, ids[0]]
+                if len(ids) > 1:  # the rest of the answer, each token after the ones before it
+                    rest = torch.tensor(ids, device=device).expand(n, -1)
+                    cache = copy.deepcopy(first.past_key_values)  # the label's tokens extend it
+                    logits = model(input_ids=rest[:, :-1], cache=cache, use_cache=True,
+                                   attention_mask=torch.cat([attention, torch.ones_like(rest[:, 1:])], 1),
+                                   position_ids=lengths + torch.arange(len(ids) - 1, device=device)).logits  # fmt: skip
+                    logp = logits.float().log_softmax(-1)
+                    score = score + logp.gather(2, rest[:, 1:, None]).sum((1, 2))
+                out[start : start + n, k] = score.detach().cpu().numpy()
     return out
 
 
