@@ -5,7 +5,7 @@ import pytest
 import torch
 from architectures import ARCHITECTURES, build, tokenizer
 
-from llm_dist.finetune.evaluate import answer_span, generate, label_scores, outcome
+from llm_dist.finetune.evaluate import TaskEval, answer_span, generate, label_scores, outcome
 from llm_dist.finetune.formats import DEFAULT_CHAT_TEMPLATE, answer_ids, encode
 from llm_dist.finetune.scores import compute, lift, normalize, per_record
 from llm_dist.train.loop import loss_sum_of
@@ -21,6 +21,9 @@ def test_generation_metrics_equal_hand_computed_values():
     # 2-grams P 1, R 1/2; P 1, R 7/12 -> (1 + 4) P R / (4 P + R) = 35/55
     chrf = per_record("chrf", ["ab", "abc", "xyz"], ["abc", "abc", "abc"])
     assert chrf.tolist() == pytest.approx([35 / 55, 1.0, 0.0])
+    # an empty answer (the model ended at once) scores 0 on both overlap metrics
+    assert per_record("rouge_l", [""], ["Return the sum."]).tolist() == [0.0]
+    assert per_record("chrf", [""], ["Return the sum."]).tolist() == [0.0]
     with pytest.raises(ValueError, match="accuracy is not a generation metric"):
         per_record("accuracy", ["a"], ["a"])
 
@@ -50,6 +53,9 @@ def test_the_lift_and_its_paired_interval():
     half = lift("exact_match", {"predictions": ["x", "y"], "references": ["x", "z"]},
                 {"predictions": ["q", "q"], "references": ["x", "z"]})  # fmt: skip
     assert half["lift"] == 0.5 and half["low"] == 0.0 and half["high"] == 1.0
+    # one record: a lift, but no interval (None, which JSON can hold)
+    one = lift("chrf", {"predictions": ["ab"], "references": ["abc"]}, {"predictions": [""], "references": ["abc"]})  # fmt: skip
+    assert one == {"winner": pytest.approx(35 / 55), "base": 0.0, "lift": pytest.approx(35 / 55), "low": None, "high": None}  # fmt: skip
 
 
 def test_answer_span_is_the_last_assistant_turn():
@@ -80,7 +86,8 @@ def test_labels_scored_by_likelihood_equal_a_plain_loop(arch):
     width = max(len(ids) for ids, _ in rows)
     windows = [{"tokens": torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids, _ in rows]),
                 "mask": torch.tensor([mask + [0] * (width - len(mask)) for _, mask in rows])}]  # fmt: skip
-    answers = outcome(model, tok, windows, {"format": "classify", "label_ids": label_ids}, "cpu")
+    task = TaskEval("classify", ("accuracy",), label_ids=tuple(map(tuple, label_ids)))
+    answers = outcome(model, tok, windows, task, "cpu")
     assert answers == {"predicted": got.argmax(1).tolist(), "labels": truth}
 
 

@@ -84,6 +84,7 @@ BAD = {
     "metric not computed": (merged("tune", metric="val_rouge_l"), "tune.metric: val_rouge_l is not reported; use one of val_loss, val_perplexity, or add rouge_l to tune.task.metrics"),
     "mode against the metric": (merged("tune", metric="val_loss", mode="max"), "tune.mode: max, but a lower val_loss is better; set tune.mode: min or leave it empty"),
     "metric of another format": (merged("tune", task={"sources": ["t.jsonl"], "format": "classify", "metrics": ["rouge_l"]}), "tune.task.metrics: rouge_l cannot be computed for format classify; use accuracy, f1_macro"),
+    "empty stop string": (merged("tune", task={"sources": ["t.jsonl"], "stop": ["\n\n", ""]}), "tune.task.stop: an empty stop string would end every answer at once; remove it"),
     "one label": (merged("tune", task={"sources": ["t.jsonl"], "format": "classify", "labels": ["a", "a"]}), "tune.task.labels: ['a', 'a'] needs two or more distinct, non-blank labels"),
     "warmup past the budget": (merged("tune", max_steps=20, search_space={"warmup_steps": {"choice": [0, 30]}}), "tune.warmup_steps: 30 is not below tune.max_steps (20)"),
     "port out of range": (merged("serve", port=70000), "serve.port: got 70000"),

@@ -377,8 +377,8 @@ def test_task_records_are_read_one_by_one_and_quoted_tokens_stay_text(ray_sessio
 @pytest.mark.slow
 def test_gpt2_chat_data_lora_and_freeze_under_zero3(ray_session, tmp_path):
     """A GPT-2 base (Conv1D layers, `transformer.h` blocks, no pad token), OpenAI messages in
-    Parquet, LoRA on all linear layers and frozen blocks, ZeRO-3 on two workers: both trials
-    export whole weights, LoRA merged, the frozen part unchanged, and report chrF."""
+    Parquet, LoRA on all linear layers and frozen blocks, ZeRO-3: both trials export whole
+    weights, LoRA merged, the frozen part unchanged, and report chrF."""
     import ast
 
     import pyarrow as pa
@@ -405,8 +405,8 @@ def test_gpt2_chat_data_lora_and_freeze_under_zero3(ray_session, tmp_path):
     spec.pretrain.zero_stage = 3
     spec.tune.task.format, spec.tune.task.group_field = "messages", None
     spec.tune.lora_target_modules = "all-linear"
-    # two ZeRO-3 workers per trial: the greedy answers of the task metrics generate in step
-    spec.tune.num_workers, spec.tune.task.metrics, spec.tune.task.max_new_tokens = 2, ["chrf"], 8
+    # greedy answers for the task metric come from the ZeRO-3-partitioned model
+    spec.tune.task.metrics, spec.tune.task.max_new_tokens = ["chrf"], 8
     winner = run_stage(spec, str(tmp_path / "t"))
 
     assert winner["trials"] == {"finished": 2, "stopped early": 0, "failed": 0}

@@ -5,7 +5,8 @@ module-level statements) of each module, for pretraining; `stdlib_docstrings.jso
 documented function (OpenAI `messages`: a system turn, the signature, its docstring), a
 generation task; `stdlib_packages.jsonl`, the documented functions of ten packages as `text`
 (the signature and docstring) and `label` (the package), a classification task. Every record
-has its module as `source`, so a task split by module tests on modules the model never saw.
+has its module as `source`, so a task split by module is tested on modules no trial saw (the
+base pretrained on `stdlib.jsonl` saw every function's source).
 """
 
 import ast

@@ -8,21 +8,34 @@ winner and the un-tuned base get the same on the test split (`llm_dist.tune.winn
 come from the outcomes in `llm_dist.finetune.scores`.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
-def task_of(spec, prepared: str) -> dict | None:
-    """What `outcome` needs of a tune task (format, metrics, generation limits, label token
-    ids), or None when `tune.task.metrics` is empty."""
+@dataclass(frozen=True)
+class TaskEval:
+    """What a tune task's evaluation asks of a model: greedy answers (chat formats) or each
+    label's likelihood (classify), and the metrics computed from them."""
+
+    format: str  # tune.task.format
+    metrics: tuple[str, ...]  # tune.task.metrics
+    max_new_tokens: int = 64  # greedy answers: tune.task.max_new_tokens
+    stop: tuple[str, ...] = ()  # greedy answers: tune.task.stop
+    label_ids: tuple[tuple[int, ...], ...] = ()  # classify: each label's answer tokens
+
+
+def task_of(spec, prepared: str) -> TaskEval | None:
+    """The evaluation of the task prepared in `prepared` (its label tokens from prepared.json),
+    or None when `tune.task.metrics` is empty."""
     from llm_dist.manifest import read_json
 
     t = spec.tune.task
     if not t.metrics:
         return None
-    done = read_json(prepared, "prepared.json") or {}
-    return {"format": t.format, "metrics": list(t.metrics), "max_new_tokens": t.max_new_tokens,
-            "stop": list(t.stop), "labels": done.get("labels"),
-            "label_ids": done.get("label_ids")}  # fmt: skip
+    label_ids = (read_json(prepared, "prepared.json") or {}).get("label_ids") or []
+    return TaskEval(t.format, tuple(t.metrics), t.max_new_tokens, tuple(t.stop),
+                    tuple(tuple(ids) for ids in label_ids))  # fmt: skip
 
 
 def answer_span(mask) -> tuple[int, int]:
@@ -36,7 +49,7 @@ def answer_span(mask) -> tuple[int, int]:
     return start, end
 
 
-def outcome(model, tokenizer, batches, task: dict, device, synced_gpus: bool = False,
+def outcome(model, tokenizer, batches, task: TaskEval, device, synced_gpus: bool = False,
             batch_size: int = 16) -> dict:  # fmt: skip
     """The model's answers to every window in `batches` (dicts of `tokens`, `mask`), in order:
     `{"predicted", "labels"}` (label indices) for format classify, else `{"predictions",
@@ -50,12 +63,14 @@ def outcome(model, tokenizer, batches, task: dict, device, synced_gpus: bool = F
     answers = [r[s:e].tolist() for (r, _), (s, e) in zip(rows, spans, strict=True)]
     model.eval()
     with torch.no_grad():
-        if task["format"] == "classify":
-            known = {tuple(ids): k for k, ids in enumerate(task["label_ids"])}
-            scores = label_scores(model, prompts, task["label_ids"], device, batch_size)
+        if task.format == "classify":
+            known = {tuple(ids): k for k, ids in enumerate(task.label_ids)}
+            scores = label_scores(
+                model, prompts, [list(i) for i in task.label_ids], device, batch_size
+            )
             return {"predicted": scores.argmax(1).tolist(),
                     "labels": [known.get(tuple(a), -1) for a in answers]}  # fmt: skip
-        predictions = generate(model, tokenizer, prompts, task["max_new_tokens"], task["stop"],
+        predictions = generate(model, tokenizer, prompts, task.max_new_tokens, list(task.stop),
                                device, synced_gpus, batch_size)  # fmt: skip
     references = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
     return {"predictions": predictions, "references": references}
@@ -92,7 +107,7 @@ def label_scores(model, prompts: list[list[int]], label_ids: list[list[int]], de
                 score = next_token[:, ids[0]]
                 if len(ids) > 1:  # the rest of the answer, each token after the ones before it
                     rest = torch.tensor(ids, device=device).expand(n, -1)
-                    cache = copy.deepcopy(first.past_key_values)  # the label's tokens extend it
+                    cache = copy.deepcopy(first.cache)  # the label's tokens extend it
                     logits = model(input_ids=rest[:, :-1], cache=cache, use_cache=True,
                                    attention_mask=torch.cat([attention, torch.ones_like(rest[:, 1:])], 1),
                                    position_ids=lengths + torch.arange(len(ids) - 1, device=device)).logits  # fmt: skip
@@ -124,6 +139,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, st
         for row, prompt in enumerate(chunk):
             tokens[row, width - len(prompt) :], attention[row, width - len(prompt) :] = torch.tensor(prompt), 1  # fmt: skip
         budget = max_new_tokens if positions is None else min(max_new_tokens, positions - width)
+        # Under ZeRO-3 every rank must call generate() alike; a window's answer (text and a
+        # closing token) leaves its prompt <= seq_len - 1 tokens, and the spec keeps seq_len
+        # within the model's positions, so task windows never skip.
         if budget <= 0:
             texts += [""] * len(chunk)
             continue

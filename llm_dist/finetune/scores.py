@@ -7,14 +7,15 @@ f1_macro, which is computed over the whole set:
   case folded, runs of whitespace made one space, stripped; punctuation is kept: answers here
   are code, docstrings and labels, where it carries meaning).
 - `rouge_l`: ROUGE-L F1 (longest common subsequence of words), Google's `rouge-score` package
-  with its default tokenizer (lower-cased alphanumeric words) and no stemming.
+  with its default tokenizer (lower-cased runs of ASCII letters and digits: text in other
+  scripts scores 0, use chrf there) and no stemming; an empty answer scores 0.
 - `chrf`: chrF (character 6-grams, beta 2; Popović 2015) by `sacrebleu`, per record, / 100.
 - `accuracy` and `f1_macro` (the unweighted mean of each label's F1, labels never predicted
   and never true left out) by scikit-learn, over label indices.
 
 The lift is winner minus base on the same test records, with a 95% paired bootstrap percentile
 interval over records (`scipy.stats.bootstrap`, 2,000 resamples, a fixed seed): when the
-interval's low end is above zero (below, for the loss), the winner beats the base beyond what
+whole interval is above zero (below zero, for the loss), the winner beats the base beyond what
 the choice of test records explains.
 """
 
@@ -70,7 +71,7 @@ def lift(metric: str, winner: dict, base: dict, seed: int = 0) -> dict[str, floa
     value = {"winner": float(statistic(*ours)), "base": float(statistic(*theirs))}
     value["lift"] = value["winner"] - value["base"]
     if len(ours[0]) < 2:  # no interval from one record
-        return {**value, "low": float("nan"), "high": float("nan")}
+        return {**value, "low": None, "high": None}
     ci = bootstrap((*ours, *theirs), lambda *s: statistic(*s[:k]) - statistic(*s[k:]),
                    paired=True, vectorized=False, n_resamples=2000, method="percentile",
                    rng=np.random.default_rng(seed)).confidence_interval  # fmt: skip

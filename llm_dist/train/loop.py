@@ -281,7 +281,7 @@ def _evaluate(engine, batches, T: int, device) -> float:
     return (total[0] / total[1]).item()
 
 
-def _validate(engine, tokenizer, val, T: int, device, task: dict | None, synced: bool) -> dict:
+def _validate(engine, tokenizer, val, T: int, device, task, synced: bool) -> dict:
     """`val_loss` over every rank's `val` batches and, for a task with metrics, `val_<metric>`
     of each over every rank's answers and `task_seconds`, the time the answers took."""
     import torch.distributed as dist
@@ -298,7 +298,7 @@ def _validate(engine, tokenizer, val, T: int, device, task: dict | None, synced:
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     merged = {k: [v for answers in everyone for v in answers[k]] for k in mine}
-    figures |= {f"val_{m}": v for m, v in compute(task["metrics"], merged).items()}
+    figures |= {f"val_{m}": v for m, v in compute(task.metrics, merged).items()}
     return figures | {"task_seconds": time.perf_counter() - start}
 
 

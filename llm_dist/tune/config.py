@@ -66,6 +66,9 @@ class TaskConfig(Section):
                 f"tune.task.val_fraction + tune.task.test_fraction: {self.val_fraction} + "
                 f"{self.test_fraction} leaves no training records; keep their sum below 1"
             )
+        if "" in self.stop:
+            raise ValueError("tune.task.stop: an empty stop string would end every answer at "
+                             "once; remove it")  # fmt: skip
         if self.format == "classify" and not self.metrics:
             self.metrics = list(CLASSIFICATION)
         allowed = {"classify": CLASSIFICATION, "text": ()}.get(self.format, GENERATION)
@@ -149,8 +152,9 @@ class TuneConfig(Section):
         lower = ("val_loss", "val_perplexity")
         known = [*lower, *(f"val_{m}" for m in self.task.metrics)]
         if self.metric not in known:
-            fix = (f"add {self.metric[4:]} to tune.task.metrics" if self.metric[4:] in METRICS
-                   else "see tune.task.metrics")  # fmt: skip
+            allowed = CLASSIFICATION if self.task.format == "classify" else GENERATION
+            fix = (f"add {self.metric[4:]} to tune.task.metrics" if self.metric[4:] in allowed
+                   else f"see tune.task.metrics (format {self.task.format})")  # fmt: skip
             problems.append(f"tune.metric: {self.metric} is not reported; use one of "
                             f"{', '.join(known)}, or {fix}")  # fmt: skip
         else:

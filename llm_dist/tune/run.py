@@ -255,8 +255,9 @@ def ensure_trials_fit(spec) -> int:
 def _report_done(winner: dict) -> None:
     from rich.console import Console
 
+    tests = "; ".join(f"test {m} {v['winner']:.4f} (base {v['base']:.4f})"
+                      for m, v in winner.get("test", {}).items())  # fmt: skip
     Console().print(
         f"tune (already finished): winner {winner['trial_id']} "
-        f"{winner['metric']} {winner['value']:.4f}, test loss {winner['test_loss']:.4f} "
-        f"(base {winner['base_test_loss']:.4f}); export: {winner['export']}"
+        f"{winner['metric']} {winner['value']:.4f}; {tests}; export: {winner['export']}"
     )

@@ -58,7 +58,7 @@ def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) 
         score.remote(base, task["prepared"], t.micro_batch_size, answers),
     ])  # fmt: skip
     test = {m: lift(m, ours, theirs, spec.pretrain.seed)
-            for m in ["loss", *(answers["metrics"] if answers else [])]}  # fmt: skip
+            for m in ["loss", *(answers.metrics if answers else [])]}  # fmt: skip
     winner_test, base_test = test["loss"]["winner"], test["loss"]["base"]
     for r in rows:
         r |= {f"test_{m}": v["winner"] if r is best else None for m, v in test.items()}
@@ -89,9 +89,9 @@ def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) 
     return winner
 
 
-def test_outcome(folder: str, prepared: str, batch_size: int, answers: dict | None) -> dict:
+def test_outcome(folder: str, prepared: str, batch_size: int, answers) -> dict:
     """The HF model in `folder` on every record of a prepared split `test`, in order: per-record
-    `loss_sum` (nats) and `targets` (tokens), and with `answers` (`evaluate.task_of`) its
+    `loss_sum` (nats) and `targets` (tokens), and with `answers` (an `evaluate.TaskEval`) its
     answers for the task metrics (`evaluate.outcome`)."""
     import pyarrow.dataset as pds
     import torch
@@ -186,7 +186,7 @@ def _print(rows: list[dict], t, winner: dict) -> None:
     for metric, v in winner["test"].items():
         scores.add_row(metric + (" (lower is better)" if metric == "loss" else ""),
                        f"{v['base']:.4f}", f"{v['winner']:.4f}", f"{v['lift']:+.4f}",
-                       f"[{v['low']:+.4f}, {v['high']:+.4f}]")  # fmt: skip
+                       "" if v["low"] is None else f"[{v['low']:+.4f}, {v['high']:+.4f}]")  # fmt: skip
     console = Console()
     if not console.is_terminal:  # a log file: no 80-column squeeze of the table
         console = Console(width=160)
