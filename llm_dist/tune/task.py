@@ -118,11 +118,11 @@ def prepare_task(spec, base: str) -> dict:
             raise UserError(f"tune.task.{t.label_field}: the records have one label ({labels}); "
                             "a classification task needs two or more")  # fmt: skip
         label_ids = [answer_ids(tokenizer, x) for x in labels]
-        same = [(a, b) for i, a in enumerate(labels) for b, ids in zip(labels[i + 1 :], label_ids[i + 1 :], strict=True)
-                if ids == label_ids[i]]  # fmt: skip
-        if same:
-            raise UserError(f"tune.task.labels: {same[0][0]!r} and {same[0][1]!r} render as the "
-                            "same answer tokens (the chat template trims them?); make them differ")  # fmt: skip
+        for i, ids in enumerate(label_ids):
+            if ids in label_ids[:i]:
+                raise UserError(f"tune.task.labels: {labels[label_ids.index(ids)]!r} and "
+                                f"{labels[i]!r} render as the same answer tokens (the chat "
+                                "template trims them?); make them differ")  # fmt: skip
         stats |= {"labels": labels, "label_ids": label_ids}
     stats = {"prepared": root, "format": t.format, "tokenizer": f"{root}/tokenizer",
              "seq_len": spec.data.seq_len, "quarantine": f"{root}/quarantine.jsonl", **stats}  # fmt: skip

@@ -27,17 +27,18 @@ def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) 
     from llm_dist.cluster import use_gpu
 
     t = spec.tune
-    rows, validation = [], [f"val_{m}" for m in t.task.metrics]  # the task metrics, beside the loss
+    # the ranking metric first, then the loss and the task metrics beside it
+    columns = [t.metric, *(m for m in ("val_loss", *(f"val_{m}" for m in t.task.metrics)) if m != t.metric)]  # fmt: skip
+    rows = []
     for result in results:
         trial_id = os.path.basename(result.path)
         out = f"{run}/tune/trials/{trial_id}"
         done = read_json(out, "result.json")
         status = "failed" if result.error else "finished" if done else "stopped early"
         metrics = done or result.metrics or {}
-        ranked = [t.metric, *(m for m in ("val_loss", *validation) if m != t.metric)]
         rows.append({"trial_id": trial_id,
                      **{k: result.config.get(k) for k in t.search_space},
-                     **{m: metrics.get(m) for m in ranked}, "step": metrics.get("step"),
+                     **{m: metrics.get(m) for m in columns}, "step": metrics.get("step"),
                      "status": status, "seconds": (result.metrics or {}).get("time_total_s"),
                      "error": _first_line(result.error), "out": out, "result": done})  # fmt: skip
     finished = [r for r in rows if r["status"] == "finished" and r[t.metric] is not None]
