@@ -15,7 +15,7 @@ from llm_dist.base import Section, UserError
 from llm_dist.cluster import ClusterConfig
 from llm_dist.data.config import DataConfig
 from llm_dist.model import ModelConfig
-from llm_dist.serve.config import ServeConfig
+from llm_dist.serve.config import ServeConfig, positions_of, vllm_context_problem
 from llm_dist.train.config import PretrainConfig
 from llm_dist.tune.config import TuneConfig
 
@@ -97,9 +97,24 @@ class JobSpec(Section):
                 "remove it or set use_gpu: auto"
             )
         problems += _model_problems(self)
+        problems += filter(None, [vllm_context_problem(self.serve, *_served_positions(self))])
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def _served_positions(spec: JobSpec) -> tuple[int | None, str]:
+    """The positions of the model the serve stage will host, where the spec tells them."""
+    if "serve" not in spec.stages or spec.serve.engine != "vllm":
+        return None, ""
+    if spec.serve.model:
+        return positions_of(spec.serve.model), f"serve.model {spec.serve.model}"
+    if "tune" in spec.stages and spec.tune.base_model:
+        return positions_of(spec.tune.base_model), f"tune.base_model {spec.tune.base_model}"
+    if {"pretrain", "tune"} & set(spec.stages):  # the winner keeps its base's positions
+        config = spec.model.hf_config() or {}
+        return config.get("max_position_embeddings"), "the model pretrained here (model:)"
+    return None, ""
 
 
 def _model_problems(spec: JobSpec) -> list[str]:

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -93,17 +94,24 @@ STDLIB_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.p
                   "smtplib.py", "tarfile.py", "zipfile.py", "configparser.py"]  # fmt: skip
 
 GOOD = [
-    f"document {i:04d} says " + " ".join(f"word{i % 7}{j}" for j in range(30)) for i in range(60)
+    f"document {i:04d} says " + " ".join(f"word{i % 7}{j}" for j in range(30)) for i in range(100)
 ]
 
-# The nasty file: each bad kind once or more, plus cleaning cases (not bad) and good documents.
-NASTY_BAD = {"invalid_json": 2, "invalid_utf8": 1, "missing_field": 2, "not_a_string": 2,
-             "line_too_long": 1}  # fmt: skip
+# The nasty folder: each bad kind once or more, cleaning cases (not bad), good documents, and
+# damaged files (a BOM-led JSONL, a gzip stream cut short, a Parquet file with a broken row group).
+NASTY_BAD = {"invalid_json": 2, "invalid_utf8": 1, "invalid_unicode": 1, "missing_field": 2,
+             "not_a_string": 2, "line_too_long": 1, "unreadable": 2}  # fmt: skip
 NASTY_DROPPED = {"empty": 2}
 
 
-def write_nasty(folder: Path) -> None:
-    """A corpus folder: nasty.jsonl (31 records), more.jsonl.gz (19), notes.txt, table.parquet (10)."""
+def write_nasty(folder: Path) -> int:
+    """Write the nasty folder; returns how many of cut.jsonl.gz's records precede its cut.
+
+    nasty.jsonl (32 records), more.jsonl.gz (19), notes.txt (1 document), table.parquet (10),
+    bom.jsonl (5, the file opens with a BOM), cut.jsonl.gz (GOOD[65:90] compressed and cut
+    short: the records before the cut, then one unreadable rest) and broken.parquet (two row
+    groups of GOOD[90:100], the second unreadable).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -122,12 +130,29 @@ def write_nasty(folder: Path) -> None:
         json.dumps({"text": "   \n\t "}).encode(),  # empty after cleaning
         json.dumps({"text": "\ufeff\x00"}).encode(),  # only a BOM and a NUL: empty
         json.dumps({"text": "\ufeffCafe\u0301 \x00menu " + GOOD[20]}).encode(),  # cleaned, kept
+        b'{"text": "half an emoji \\ud83d"}',  # invalid_unicode: JSON allows a lone surrogate
     ]
     (folder / "nasty.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     gz = [json.dumps({"text": t}) for t in GOOD[21:40]]
     (folder / "more.jsonl.gz").write_bytes(gzip.compress(("\n".join(gz) + "\n").encode()))
     (folder / "notes.txt").write_text("\n\n".join(GOOD[40:50]) + "\n")
     pq.write_table(pa.table({"text": GOOD[50:60]}), folder / "table.parquet")
+    bom = "".join(json.dumps({"text": t}) + "\n" for t in GOOD[60:65])
+    (folder / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + bom.encode())
+    whole = "".join(json.dumps({"text": t}) + "\n" for t in GOOD[65:90]).encode()
+    cut = gzip.compress(whole, mtime=0)[:-60]  # the trailer and the last blocks never arrived
+    (folder / "cut.jsonl.gz").write_bytes(cut)
+    pq.write_table(pa.table({"text": GOOD[90:100]}), folder / "broken.parquet", row_group_size=5,
+                   use_dictionary=False)  # fmt: skip
+    data = bytearray((folder / "broken.parquet").read_bytes())
+    chunk = pq.ParquetFile(folder / "broken.parquet").metadata.row_group(1).column(0)
+    start = chunk.data_page_offset + 10  # keep the page header's start, scramble the rest
+    data[start : chunk.data_page_offset + chunk.total_compressed_size] = b"\x07" * (
+        chunk.data_page_offset + chunk.total_compressed_size - start
+    )
+    (folder / "broken.parquet").write_bytes(bytes(data))
+    readable = zlib.decompressobj(wbits=31).decompress(cut)
+    return readable.count(b"\n")
 
 
 @pytest.fixture(scope="session")

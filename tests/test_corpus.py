@@ -1,6 +1,7 @@
 """Reading records without Ray: each format, each bad kind counted exactly, cleaning, splits."""
 
 import json
+import unicodedata
 from collections import Counter
 
 import numpy as np
@@ -13,13 +14,13 @@ from llm_dist.data import corpus
 from llm_dist.data.config import DataConfig
 
 
-def records(path: str, cfg: DataConfig) -> list[tuple]:
+def records(path: str, cfg: DataConfig, fields: list[str] | None = None) -> list[tuple]:
     local = fs.LocalFileSystem()
     if corpus.format_of(path) == "parquet":
         f = local.open_input_file(path)
     else:
-        f = local.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None)
-    return list(corpus.read_records(f, path, cfg))
+        f = local.open_input_stream(path, compression=None)
+    return list(corpus.read_records(f, path, cfg, fields))
 
 
 @pytest.fixture
@@ -32,17 +33,17 @@ def test_each_bad_kind_counted_exactly_and_nothing_lost(nasty):
     cfg = DataConfig(sources=["x"], max_line_bytes=2048)
     rows = records(str(nasty / "nasty.jsonl"), cfg)
     reasons = Counter(r[2] for r in rows if r[2])
-    assert {k: reasons[k] for k in NASTY_BAD} == NASTY_BAD
-    assert {k: reasons[k] for k in NASTY_DROPPED} == NASTY_DROPPED
-    assert len(rows) == 31  # 32 lines, one of them blank: every other line is one row
+    assert reasons == Counter(NASTY_BAD) - Counter(unreadable=2) + Counter(NASTY_DROPPED)
+    assert len(rows) == 32  # 33 lines, one of them blank: every other line is one row
     bad_lines = sorted(r[0] for r in rows if r[2] in corpus.BAD)
-    assert bad_lines == [21, 22, 23, 24, 25, 26, 27, 28]
+    assert bad_lines == [21, 22, 23, 24, 25, 26, 27, 28, 33]
+    assert rows[-1][3] == repr("half an emoji \ud83d")  # the quarantine can still hold it
     assert all(r[3] for r in rows if r[2] in corpus.BAD)  # first bytes kept for the quarantine
 
 
 def test_cleaning_nfc_bom_nul(nasty):
     rows = records(str(nasty / "nasty.jsonl"), DataConfig(sources=["x"], max_line_bytes=2048))
-    cleaned = rows[-1][1]
+    cleaned = rows[-2][1]
     assert cleaned.startswith("Café menu ")  # BOM and NUL gone, e + combining accent composed
     assert "\u0301" not in cleaned and "\x00" not in cleaned and "\ufeff" not in cleaned
 
@@ -56,6 +57,49 @@ def test_each_format(nasty):
     blocks = records(str(nasty / "notes.txt"), DataConfig(sources=["x"], txt_split="blank_line"))
     assert [r[1] for r in blocks] == GOOD[40:50]
     assert [r[0] for r in blocks] == list(range(1, 20, 2))  # numbered by their first line
+
+
+def test_damaged_files_keep_what_precedes_the_damage(nasty):
+    """A BOM is no content; a cut-off gzip stream and a broken row group cost only their rest."""
+    cfg = DataConfig(sources=["x"])
+    bom = records(str(nasty / "bom.jsonl"), cfg)
+    assert [(r[0], r[1], r[2]) for r in bom] == [
+        (i + 1, t, None) for i, t in enumerate(GOOD[60:65])
+    ]
+    cut = records(str(nasty / "cut.jsonl.gz"), cfg)
+    kept = [r[1] for r in cut[:-1]]
+    assert kept == GOOD[65 : 65 + len(kept)] and 0 < len(kept) < 25  # exactly what was decoded
+    assert cut[-1][:3] == (len(kept) + 1, None, "unreadable")
+    assert "Compressed file ended before the end-of-stream marker" in cut[-1][3]
+    broken = records(str(nasty / "broken.parquet"), cfg)
+    assert [r[1] for r in broken[:5]] == GOOD[90:95]
+    assert broken[5][:3] == (6, None, "unreadable") and len(broken) == 6
+    (nasty / "garbage.parquet").write_bytes(b"not parquet at all")
+    assert [r[:3] for r in records(str(nasty / "garbage.parquet"), cfg)] == [
+        (1, None, "unreadable")
+    ]
+
+
+def test_a_task_read_has_the_same_guarantees(tmp_path):
+    """Picked fields: a BOM-led first record is read, a lone surrogate costs its record only."""
+    path = tmp_path / "task.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "a", "response": "b", "other": 1}\n'
+                     b'{"prompt": "\\udc80", "response": "c"}\n{"prompt": "d", "response": 7}\n')  # fmt: skip
+    rows = records(str(path), DataConfig(sources=["x"]), fields=["prompt", "response"])
+    assert [r[1:3] for r in rows] == [('{"prompt": "a", "response": "b"}', None),
+                                      (None, "invalid_unicode"),
+                                      ('{"prompt": "d", "response": 7}', None)]  # fmt: skip
+
+
+def test_control_characters_and_odd_escapes_are_text(tmp_path):
+    """What UTF-8 can hold is kept as written (only BOM and NUL are removed): nothing is lost."""
+    odd = ["\x1b[1mbold\x1b[0m and a bell \x07", "tab\tform feed\x0c line sep\u2028 para\u2029",
+           "\U0001f600 emoji, \u00e9 and e\u0301, \ufffd replacement", "a\rcarriage return"]  # fmt: skip
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in odd))
+    rows = records(str(path), DataConfig(sources=["x"]))
+    assert [r[1] for r in rows] == [unicodedata.normalize("NFC", t) for t in odd]
+    assert all(corpus.doc_hash(r[1]) for r in rows)
 
 
 def test_parquet_missing_column(tmp_path):
@@ -76,7 +120,8 @@ def test_length_limits():
 def test_expand_sources(nasty):
     files = corpus.expand_sources([str(nasty), str(nasty / "*.jsonl")])
     assert [p.rsplit("/", 1)[1] for p, _, _ in files] == [
-        "more.jsonl.gz", "nasty.jsonl", "notes.txt", "table.parquet"
+        "bom.jsonl", "broken.parquet", "cut.jsonl.gz", "more.jsonl.gz", "nasty.jsonl",
+        "notes.txt", "table.parquet"
     ]  # fmt: skip
     assert all(size > 0 and mtime > 0 for _, size, mtime in files)
     with pytest.raises(

@@ -35,22 +35,26 @@ def windows(prepared: str, split: str) -> dict[int, np.ndarray]:
 @pytest.fixture(scope="module")
 def nasty_run(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("nasty")
-    write_nasty(root / "corpus")
+    kept = write_nasty(root / "corpus")
     spec = spec_for(root / "runs", [str(root / "corpus")])
     run = str(root / "runs" / "d")
-    return spec, run_stage(spec, run), run
+    return spec, run_stage(spec, run), run, kept
 
 
 def test_counts_and_quarantine(nasty_run):
-    _, stats, run = nasty_run
+    """Every bad record and damaged file's rest is listed; every readable record is kept."""
+    _, stats, run, kept = nasty_run
     assert stats["bad"] == NASTY_BAD
     assert stats["dropped"] == {"empty": 2}
-    assert stats["records"] == 31 + 19 + 1 + 10  # txt is one document per file by default
-    assert stats["documents"] == stats["records"] - 8 - 2
+    # nasty, more, notes (txt is one document per file by default), table, bom, cut, broken
+    assert stats["records"] == 32 + 19 + 1 + 10 + 5 + (kept + 1) + 6
+    assert stats["documents"] == 21 + 19 + 1 + 10 + 5 + kept + 5
     lines = [json.loads(x) for x in Path(run, "data", "quarantine.jsonl").read_text().splitlines()]
     assert Counter(x["reason"] for x in lines) == Counter(NASTY_BAD)
-    assert {x["line"] for x in lines} == set(range(21, 29))
-    assert all(x["source"].endswith("nasty.jsonl") and x["head"] for x in lines)
+    where = {(Path(x["source"]).name, x["line"]) for x in lines}
+    assert where == {*(("nasty.jsonl", n) for n in [*range(21, 29), 33]),
+                     ("cut.jsonl.gz", kept + 1), ("broken.parquet", 6)}  # fmt: skip
+    assert all(x["head"] for x in lines)
 
 
 def test_too_many_bad_records_fail_and_nothing_is_lost(ray_session, tmp_path):
@@ -58,10 +62,15 @@ def test_too_many_bad_records_fail_and_nothing_is_lost(ray_session, tmp_path):
     spec = spec_for(tmp_path / "runs", [str(tmp_path / "corpus")], max_bad_fraction=0.01)
     with pytest.raises(UserError) as err:
         prepare(spec)
-    assert "data: 8 of 61 records are bad (13.11% > data.max_bad_fraction 0.01)" in str(err.value)
+    kept = 12  # of cut.jsonl.gz's records (test_corpus checks them one by one)
+    total = 32 + 19 + 1 + 10 + 5 + (kept + 1) + 6
+    assert (
+        f"data: 11 of {total} records are bad ({11 / total:.2%} > data.max_bad_fraction 0.01)"
+        in str(err.value)
+    )
     assert "raise data.max_bad_fraction" in str(err.value)
     prepared = next((tmp_path / "runs" / "prepared").iterdir())
-    assert len((prepared / "quarantine.jsonl").read_text().splitlines()) == 8
+    assert len((prepared / "quarantine.jsonl").read_text().splitlines()) == 11
     assert not (prepared / "prepared.json").exists()  # never reused as if it were whole
 
 
@@ -69,7 +78,7 @@ def test_tokenizer_reloads_offline(nasty_run, monkeypatch):
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _, stats, run = nasty_run
+    _, stats, run, _ = nasty_run
     tok = AutoTokenizer.from_pretrained(str(Path(run, "data", "tokenizer")))
     assert len(tok) == stats["vocab_size"] == 300
     assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|endoftext|>", "<|pad|>", "<|bos|>")
@@ -81,7 +90,7 @@ def test_packing_matches_plain_tokenization(nasty_run):
     """Tokens in windows + remainder = tokens of the cleaned documents + one EOS each, per split."""
     from transformers import AutoTokenizer
 
-    spec, stats, run = nasty_run
+    spec, stats, run, _ = nasty_run
     tok = AutoTokenizer.from_pretrained(str(Path(run, "data", "tokenizer")))
     expected = {s: Counter() for s in SPLITS}
     for path, _, _ in corpus.expand_sources(spec.data.sources):
@@ -89,7 +98,7 @@ def test_packing_matches_plain_tokenization(nasty_run):
 
         local = fs.LocalFileSystem()
         f = (local.open_input_file(path) if path.endswith(".parquet")
-             else local.open_input_stream(path, compression="detect"))  # fmt: skip
+             else local.open_input_stream(path, compression=None))  # fmt: skip
         for _, text, _, _ in corpus.read_records(f, path, spec.data):
             if text:
                 h = np.array([corpus.doc_hash(text)], np.int64)
@@ -175,7 +184,7 @@ def test_worker_shards_disjoint_cover_all_and_skip_consumed(ray_session, nasty_r
 
     from llm_dist.data.feed import epoch_batches, split_dataset
 
-    _, stats, _ = nasty_run
+    _, stats, _, _ = nasty_run
     all_ids = set(windows(stats["prepared"], "train"))
     consumed = sorted(all_ids)[::3]
     out = tmp_path / "seen"
@@ -216,7 +225,7 @@ def test_object_storage_sources_and_output(ray_session, s3_server, tmp_path):
         s3.upload_file(str(f), "llm", f"corpus/{f.name}")
     spec = spec_for("s3://llm/runs", ["s3://llm/corpus/"])  # type: ignore[arg-type]
     stats = run_stage(spec, "s3://llm/runs/d")
-    assert stats["bad"] == NASTY_BAD and stats["documents"] == 51
+    assert stats["bad"] == NASTY_BAD and stats["documents"] == 21 + 19 + 1 + 10 + 5 + 12 + 5
     assert stats["prepared"].startswith("s3://llm/runs/prepared/")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="llm", Prefix="runs/")["Contents"]}
     prefix = stats["prepared"].removeprefix("s3://llm/")
@@ -230,7 +239,7 @@ def test_object_storage_sources_and_output(ray_session, s3_server, tmp_path):
 
 
 def test_dedup_keeps_the_first_copy_with_a_given_tokenizer(ray_session, nasty_run, tmp_path):
-    _, first, _ = nasty_run
+    _, first, _, _ = nasty_run
     src = tmp_path / "dups.jsonl"
     texts = [f"unique document {i} " * 4 for i in range(30)]
     texts += [*texts[:5], "unique document 3 " * 4]  # 6 copies of earlier documents

@@ -213,10 +213,29 @@ def test_api_keys_must_be_there_when_configured(tmp_path, tiny_base, monkeypatch
 def test_vllm_without_its_extra_is_refused(tmp_path, tiny_base):
     from llm_dist.serve.run import deploy
 
-    spec = spec_for(tmp_path, 8000, model=tiny_base, engine="vllm")
+    spec = spec_for(tmp_path, 8000, model=tiny_base, engine="vllm", max_prompt_tokens=100)
     with pytest.raises(UserError, match=r"serve.engine: vllm needs Ray Serve LLM and vLLM .*"
                                         r"pip install 'llm-dist\[vllm\]'"):  # fmt: skip
         deploy(spec, str(tmp_path / "stage"))
+
+
+def test_vllm_past_the_models_positions_is_refused_before_it_starts(tmp_path, tiny_base):
+    """vLLM refuses max_model_len past config.json's positions: validation says so first, and
+    deploy does for a run's own winner, which validation cannot read."""
+    from llm_dist.manifest import write_json
+    from llm_dist.serve.run import deploy
+
+    with pytest.raises(ValueError) as err:  # the tiny base has 128 positions
+        spec_for(tmp_path, 8000, model=tiny_base, engine="vllm", max_prompt_tokens=121)
+    assert (f"serve.max_prompt_tokens + serve.max_tokens: 121 + 8 = 129 exceeds the 128 "
+            f"positions of serve.model {tiny_base}, and vLLM refuses to start a model past "
+            "them; lower serve.max_prompt_tokens to at most 120 or serve.max_tokens") in str(err.value)  # fmt: skip
+    assert spec_for(tmp_path, 8000, model=tiny_base, engine="vllm", max_prompt_tokens=120)
+    run = tmp_path / "stage"
+    write_json(str(run), "winner.json", {"export": tiny_base, "trial_id": "t1"})
+    spec = spec_for(tmp_path, 8000, engine="vllm", max_prompt_tokens=1024)
+    with pytest.raises(UserError, match=r"1024 \+ 8 = 1032 exceeds the 128 positions of "):
+        deploy(spec, str(run))
 
 
 def test_a_taken_port_is_refused_before_ray_starts(tmp_path, tiny_base):

@@ -91,6 +91,7 @@ BAD = {
     "vllm on cpu": (merged("serve", engine="vllm", gpus_per_replica=0), "serve.engine: vllm needs a GPU per replica"),
     "batch above ongoing": (merged("serve", max_batch_size=32), "serve.max_ongoing_requests: 16 is below max_batch_size (32)"),
     "two key sources": (merged("serve", api_keys_env="K", api_keys_file="k.txt"), "serve.api_keys_env and serve.api_keys_file are both set"),
+    "vllm past the positions": ({**merged("serve", engine="vllm", max_prompt_tokens=500, max_tokens=64), "stages": ["data", "pretrain", "serve"]}, "serve.max_prompt_tokens + serve.max_tokens: 500 + 64 = 564 exceeds the 512 positions of the model pretrained here (model:)"),
     "vllm with keys": (merged("serve", engine="vllm", gpus_per_replica=1, api_keys_env="K"), "serve.engine: vllm (Ray Serve LLM's OpenAI app) does not check API keys"),
     "overload status": (merged("serve", overload_status=500), "serve.overload_status"),
     "autoscaling min above max": (merged("serve", autoscaling={"min_replicas": 3, "max_replicas": 2}), "serve.autoscaling.min_replicas: 3 is above max_replicas"),

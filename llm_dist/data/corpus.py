@@ -3,13 +3,20 @@
 Every record becomes one row: `source`, `line` (1-based line, row or block number), `text`
 (cleaned, or null), `reason` (null for a good document; a BAD reason sends the row to the
 quarantine, a DROPPED reason is ordinary cleaning), `head` (the first bytes of a bad record).
+
+Whatever one record's bytes do costs that record: a file that cannot be read on from some
+point (a compressed stream that ends early, a Parquet row group that cannot be decoded) keeps
+every record before it, and the rest becomes one `unreadable` row naming the error.
 """
 
 import fnmatch
+import gzip
 import hashlib
 import io
 import json
+import re
 import unicodedata
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,7 +24,12 @@ import numpy as np
 from llm_dist.base import UserError
 
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet", ".txt": "txt"}
-BAD = ("invalid_json", "invalid_utf8", "missing_field", "not_a_string", "line_too_long")
+BAD = ("invalid_json", "invalid_utf8", "invalid_unicode", "missing_field", "not_a_string",
+       "line_too_long", "unreadable")  # fmt: skip
+# what reading a damaged stream raises: OSError (pyarrow, gzip.BadGzipFile), EOFError (gzip),
+# zlib.error, ValueError (pyarrow.ArrowInvalid)
+UNREADABLE = (OSError, EOFError, zlib.error, ValueError)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON may escape them; UTF-8 cannot hold them
 DROPPED = ("empty", "too_short", "too_long", "duplicate")
 ROWS_PER_BLOCK = 4096
 
@@ -89,56 +101,81 @@ def doc_hash(text: str) -> int:
 def read_records(f, path: str, cfg, fields: list[str] | None = None) -> Iterator[tuple]:
     """(line, text, reason, head) for each record of one file; never raises on a bad record.
 
-    With `fields` (a fine-tuning task's), a record's text is the JSON of just those of its
-    fields (those it lacks left out), typed by nothing: the task's own checks come later.
+    `f` is the file as stored: a `.gz` one still compressed (it is decompressed here, so the
+    records before a cut-off end are kept). With `fields` (a fine-tuning task's), a record's
+    text is the JSON of just those of its fields (those it lacks left out), typed by nothing:
+    the task's own checks come later.
     """
     kind = format_of(path)
     if kind == "parquet":
-        yield from _parquet_records(f, cfg, fields)
-        return
-    if kind == "txt":
-        yield from _txt_records(f.read(), cfg)
-        return
-    stream = io.BufferedReader(f, buffer_size=1 << 20)  # pyarrow streams lack readline
-    number = 0
-    while True:
-        line = stream.readline(cfg.max_line_bytes + 1)
-        if not line:
-            return
-        number += 1
-        if len(line) > cfg.max_line_bytes and not line.endswith(b"\n"):
-            head = line[:80]
-            while line and not line.endswith(b"\n"):  # skip the rest of the over-long line
-                line = stream.readline(1 << 20)
-            yield number, None, "line_too_long", repr(head)
+        rows = _parquet_records(f, cfg, fields)
+    elif kind == "txt":
+        rows = _txt_records(f, cfg)
+    else:
+        rows = _jsonl_records(gzip.GzipFile(fileobj=f) if path.endswith(".gz") else f, cfg, fields)
+    for number, text, reason, head in rows:
+        if text is not None and _SURROGATE.search(text):  # would fail hashing and tokenizing
+            yield number, None, "invalid_unicode", repr(text[:80])
+        else:
+            yield number, text, reason, head
+
+
+def _jsonl_records(f, cfg, fields) -> Iterator[tuple]:
+    for number, line, reason, head in _lines(f, cfg.max_line_bytes):
+        if reason:
+            yield number, None, reason, head
             continue
-        if not line.strip():
-            continue  # a blank line is not a record
-        try:
-            record = json.loads(line.decode("utf-8"))
+        try:  # a BOM is an encoding artefact (Windows editors write one), not content
+            record = json.loads(line.decode("utf-8").removeprefix("\ufeff"))
         except UnicodeDecodeError:
             yield number, None, "invalid_utf8", repr(line[:80])
             continue
         except (ValueError, RecursionError):  # RecursionError: JSON nested too deep
             yield number, None, "invalid_json", repr(line[:80])
             continue
-        yield (number, *_field(record, cfg, line, fields))
+        yield (number, *_field(record, cfg, repr(line[:80]), fields))
 
 
-def _field(record, cfg, raw, fields) -> tuple:
+def _lines(f, max_bytes: int) -> Iterator[tuple]:
+    """(number, line, None, None) per non-blank line, (number, None, reason, head) for one too
+    long, and a last (number, None, "unreadable", error) if the stream fails part way."""
+    # pyarrow streams lack readline; a GzipFile has its own buffer, and a bigger one on top
+    # would drop the records it had decoded when the stream fails
+    stream = f if isinstance(f, gzip.GzipFile) else io.BufferedReader(f, buffer_size=1 << 20)
+    number = 0
+    try:
+        while line := stream.readline(max_bytes + 1):
+            number += 1
+            if len(line) > max_bytes and not line.endswith(b"\n"):
+                head = line[:80]
+                while line and not line.endswith(b"\n"):  # skip the rest of the over-long line
+                    line = stream.readline(1 << 20)
+                yield number, None, "line_too_long", repr(head)
+            elif line.strip():  # a blank line is not a record
+                yield number, line, None, None
+    except UNREADABLE as e:
+        yield number + 1, None, "unreadable", f"{type(e).__name__}: {e}"[:200]
+
+
+def _field(record, cfg, head: str, fields) -> tuple:
     if fields is not None:
         if not isinstance(record, dict):
-            return None, "missing_field", repr(raw[:80])
+            return None, "missing_field", head
         return _picked(record, fields), None, None
     if not isinstance(record, dict) or cfg.text_field not in record:
-        return None, "missing_field", repr(raw[:80])
+        return None, "missing_field", head
     value = record[cfg.text_field]
     if not isinstance(value, str):
-        return None, "not_a_string", repr(raw[:80])
+        return None, "not_a_string", head
     return (*clean(value, cfg.min_chars, cfg.max_chars), None)
 
 
-def _txt_records(data: bytes, cfg) -> Iterator[tuple]:
+def _txt_records(f, cfg) -> Iterator[tuple]:
+    try:
+        data = f.read()
+    except UNREADABLE as e:
+        yield 1, None, "unreadable", f"{type(e).__name__}: {e}"[:200]
+        return
     if cfg.txt_split == "file":
         blocks = [(1, data)]
     else:  # blank-line-separated blocks, numbered by their first line
@@ -169,30 +206,35 @@ def _picked(record: dict, fields: list[str]) -> str:
 
 
 def _parquet_records(f, cfg, fields) -> Iterator[tuple]:
+    """Rows numbered from 1; a row group that fails to decode costs its unread rows."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(f)
-    if fields is not None:  # only the columns the task reads, whatever the others hold
-        names = parquet.schema_arrow.names
-        present = [c for c in fields if c in names] or names[:1]
-        row = 0
-        for batch in parquet.iter_batches(columns=present, batch_size=ROWS_PER_BLOCK):
-            for record in batch.to_pylist():
-                row += 1
-                yield row, _picked(record, fields), None, None
+    try:
+        parquet = pq.ParquetFile(f)
+    except UNREADABLE as e:
+        yield 1, None, "unreadable", f"{type(e).__name__}: {e}"[:200]
         return
-    if cfg.text_field not in parquet.schema_arrow.names:
+    names = parquet.schema_arrow.names
+    if fields is not None:  # only the columns the task reads, whatever the others hold
+        columns = [c for c in fields if c in names] or names[:1]
+    elif cfg.text_field in names:
+        columns = [cfg.text_field]
+    else:
         for row in range(parquet.metadata.num_rows):
-            yield row + 1, None, "missing_field", f"columns: {parquet.schema_arrow.names}"[:80]
+            yield row + 1, None, "missing_field", f"columns: {names}"[:80]
         return
     row = 0
-    for batch in parquet.iter_batches(columns=[cfg.text_field], batch_size=ROWS_PER_BLOCK):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if not isinstance(value, str):
-                yield row, None, "not_a_string", repr(value)[:80]
-            else:
-                yield (row, *clean(value, cfg.min_chars, cfg.max_chars), None)
+    for group in range(parquet.num_row_groups):
+        end = row + parquet.metadata.row_group(group).num_rows
+        try:
+            batches = parquet.iter_batches(ROWS_PER_BLOCK, [group], columns)
+            for batch in batches:
+                for record in batch.to_pylist():
+                    row += 1
+                    yield row, *_field(record, cfg, repr(record)[:80], fields)
+        except UNREADABLE as e:
+            yield row + 1, None, "unreadable", f"{type(e).__name__}: {e}"[:200]
+            row = end
 
 
 def uniform(hashes: np.ndarray, seed: int) -> np.ndarray:

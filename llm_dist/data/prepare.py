@@ -30,8 +30,8 @@ def fingerprint(cfg, files: list[tuple[str, int, int]]) -> str:
             for p in folder.glob("*")
             if p.is_file()
         )
-    # version 2: quoted special tokens are packed as text
-    key = {"files": files, "tokenizer": tokenizer, "version": 2,
+    # version 2: quoted special tokens are packed as text; 3: BOM-led lines, damaged files
+    key = {"files": files, "tokenizer": tokenizer, "version": 3,
            **cfg.model_dump(exclude={"sources", "tokenizer", "max_bad_fraction"})}  # fmt: skip
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

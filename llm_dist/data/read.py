@@ -1,7 +1,8 @@
 """Ray Data reading of corpus files: one row per record, good or bad, with its line number.
 
-Ray's own JSON reader fails a whole block on one bad line; this datasource parses each record
-itself (see `corpus.read_records`), so one bad line costs one record.
+Ray's own JSON reader fails a whole block on one bad line, and a damaged file fails the whole
+read; this datasource parses each record itself (see `corpus.read_records`), so one bad line
+costs one record and a damaged file costs only what cannot be read of it.
 """
 
 import pyarrow as pa
@@ -24,6 +25,8 @@ class CorpusDatasource(FileBasedDatasource):
     def _open_input_source(self, filesystem, path: str, **open_args):
         if corpus.format_of(path) == "parquet":  # Parquet needs random access, not a stream
             return filesystem.open_input_file(path)
+        if path.endswith(".gz"):  # decompressed by read_records, which keeps what precedes a cut
+            return filesystem.open_input_stream(path, compression=None)
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str):

@@ -125,10 +125,11 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, st
     out); decoded without special tokens and stripped."""
     import torch
 
+    from llm_dist.finetune.formats import end_ids
+
     config = model.config
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)  # fmt: skip
-    eos = model.generation_config.eos_token_id
-    eos = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    eos = end_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     texts = []
     for start in range(0, len(prompts), batch_size):

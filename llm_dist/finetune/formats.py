@@ -178,6 +178,13 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
                                          sanitize_control_tokens=True, return_dict=False)  # fmt: skip
 
 
+def end_ids(model, tokenizer) -> set[int]:
+    """The ids an answer ends at, as `generate()` stops: the tokenizer's EOS and every
+    `eos_token_id` of the model's generation config (Llama 3 lists `<|eot_id|>` only there)."""
+    listed = model.generation_config.eos_token_id
+    return {tokenizer.eos_token_id, *(listed if isinstance(listed, list) else [listed])} - {None}
+
+
 def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     if not messages:
         return ""

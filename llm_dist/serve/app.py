@@ -134,6 +134,8 @@ class LLMServer:
         text = ""
         async for event in events:
             text += event.text
+        if event.error:  # not the request's fault: every field was checked before it joined
+            return _error(500, f"decoding this request failed: {event.error}", "server_error")
         used = protocol.usage(event.prompt_tokens, event.completion_tokens)
         return protocol.body(chat, self.name, rid, created, text, event.finish_reason, used)
 
@@ -144,6 +146,10 @@ class LLMServer:
             return f"data: {json.dumps(payload)}\n\n"
 
         async for event in events:
+            if event.error:  # the status line has gone: the stream ends with OpenAI's error body
+                yield sse({"error": {"message": f"decoding this request failed: {event.error}",
+                                     "type": "server_error", "param": None, "code": None}})  # fmt: skip
+                break
             if event.text or event.finish_reason:
                 yield sse(protocol.body(chat, self.name, rid, created, event.text,
                                         event.finish_reason, None, chunk=True))  # fmt: skip

@@ -1,5 +1,6 @@
 """The `serve:` section: what Ray Serve hosts, where it listens, how it batches, scales and guards itself."""
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -103,3 +104,30 @@ class ServeConfig(Section):
                 "or engine: transformers"
             )
         return self
+
+
+def positions_of(folder: str) -> int | None:
+    """The positions a local HF model folder's config declares (None when it cannot be read)."""
+    from transformers import AutoConfig
+
+    if "://" in folder or not (Path(folder) / "config.json").is_file():
+        return None
+    try:  # AutoConfig gives transformers' standard name (GPT-2's n_positions included)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def vllm_context_problem(s: ServeConfig, positions: int | None, model: str) -> str | None:
+    """vLLM refuses to start a model whose max_model_len (here max_prompt_tokens + max_tokens)
+    exceeds the positions its config declares; this says so before any GPU replica starts."""
+    budget = s.max_prompt_tokens + s.max_tokens
+    if s.engine != "vllm" or positions is None or budget <= positions:
+        return None
+    return (
+        f"serve.max_prompt_tokens + serve.max_tokens: {s.max_prompt_tokens} + {s.max_tokens} = "
+        f"{budget} exceeds the {positions} positions of {model}, and vLLM refuses to start a "
+        f"model past them; lower serve.max_prompt_tokens to at most "
+        f"{max(1, positions - s.max_tokens)} or serve.max_tokens"
+    )

@@ -2,7 +2,8 @@
 
 Each request keeps its own sampling (temperature, top_p, seed, stop strings, max_tokens): the
 batch shares the model's forward passes and a KV cache, nothing else. Prompts are left-padded;
-a request that finishes leaves the batch, so the others stop paying for it.
+a request that finishes leaves the batch, so the others stop paying for it. A request whose
+own step fails (its sampling) ends alone with finish_reason "error"; the others go on.
 """
 
 from collections.abc import Iterator
@@ -26,24 +27,29 @@ class Event:
     """What one step produced for one request: new text, and why it ended (once it has)."""
 
     text: str
-    finish_reason: str | None  # None while decoding; "stop" (EOS or a stop string) or "length"
+    finish_reason: str | None  # None while decoding; "stop" (an end id or a stop string),
+    # "length", or "error" (this request's step failed: `error` says how)
     prompt_tokens: int
     completion_tokens: int
+    error: str | None = None
 
 
 def decode(model, tokenizer, jobs: list[Job]) -> Iterator[list[Event | None]]:
     """Decode `jobs` together; yields one list per step, an Event per job (None once it ended).
 
-    A job's text is held back while its tail could still be the start of a stop string, and
-    while it ends in a partial UTF-8 character, so streamed text never needs taking back.
+    A job ends at any id `generate()` ends at (`formats.end_ids`). Its text is held back while
+    its tail could still be the start of a stop string, and while it ends in a partial UTF-8
+    character, so streamed text never needs taking back.
     """
     import os
 
     import torch
     from transformers import DynamicCache
 
-    n, eos = len(jobs), tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    from llm_dist.finetune.formats import end_ids
+
+    n, ends = len(jobs), end_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(ends)
     width = max(len(j.ids) for j in jobs)
     device = model.device
     ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in jobs], device=device)
@@ -64,9 +70,16 @@ def decode(model, tokenizer, jobs: list[Job]) -> Iterator[list[Event | None]]:
         events: list[Event | None] = [None] * n
         keep = []
         for row, i in enumerate(alive):
-            job, token = jobs[i], _sample(logits[row], jobs[i], generators[i])
+            job = jobs[i]
+            try:
+                token = _sample(logits[row], job, generators[i])
+            except Exception as e:  # e.g. non-finite scores: this request alone cannot go on
+                events[i] = Event(
+                    "", "error", len(job.ids), len(out[i]), f"{type(e).__name__}: {e}"
+                )
+                continue
             finish = None
-            if token == eos:
+            if token in ends:
                 finish = "stop"
             else:
                 out[i].append(token)
@@ -97,10 +110,13 @@ def decode(model, tokenizer, jobs: list[Job]) -> Iterator[list[Event | None]]:
 
 
 def _sample(logits, job: Job, generator) -> int:
-    """One token from a row of logits: greedy at temperature 0, else top-p sampling."""
+    """One token from a row of logits: greedy at temperature 0, else top-p sampling.
+
+    Below 1e-5 (vLLM's threshold) a temperature is taken as 0: dividing by it would overflow.
+    """
     import torch
 
-    if job.temperature == 0:
+    if job.temperature < 1e-5:
         return int(logits.argmax())
     probs = torch.softmax(logits / job.temperature, dim=-1)
     if job.top_p < 1:

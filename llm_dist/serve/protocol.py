@@ -1,16 +1,29 @@
 """The OpenAI wire format: request bodies (validated, so bad fields answer 422) and response bodies.
 
-Fields the OpenAI API has but this server does not implement (logprobs, penalties, n > 1, ...)
-are refused by name rather than silently ignored.
+Every field is range-checked here, before a request joins a batch. Fields the OpenAI API has
+but this server does not implement (penalties, logprobs, logit_bias, n > 1, tools, ...) are
+accepted at their neutral value, which asks for nothing (clients such as LangChain send
+`frequency_penalty: 0` unprompted), and refused by name at any other value.
 """
 
+import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Unimplemented OpenAI fields and the values at which they change nothing (null: the default).
+NEUTRAL = {
+    "frequency_penalty": (0, None), "presence_penalty": (0, None), "n": (1, None),
+    "logprobs": (False, None), "top_logprobs": (0, None), "logit_bias": ({}, None),
+    "echo": (False, None), "best_of": (1, None), "suffix": ("", None),
+    "response_format": ({"type": "text"}, None), "tools": ([], None), "tool_choice": ("none", None),
+    "parallel_tool_calls": (True, False, None), "modalities": (["text"], None),
+    "store": (False, None), "metadata": ({}, None), "service_tier": ("auto", "default", None),
+}  # fmt: skip
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -23,11 +36,19 @@ class _Request(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch's generators take
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _neutral(cls, data):
+        """Drop unimplemented fields sent at their neutral value; others stay, to be refused."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items()
+                if k not in NEUTRAL or not any(_same(v, n) for n in NEUTRAL[k])}  # fmt: skip
 
     @field_validator("stop")
     @classmethod
@@ -43,9 +64,27 @@ class CompletionRequest(_Request):
 
 
 class Message(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
     name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, v: str) -> str:
+        return "system" if v == "developer" else v  # OpenAI's newer name for system turns
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, v):
+        """OpenAI content parts: text parts joined in order; any other kind refused by name."""
+        if not isinstance(v, list):
+            return v
+        for i, part in enumerate(v):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} is of type {kind!r}; this text-only model takes "
+                                 "text parts only ({'type': 'text', 'text': ...})")  # fmt: skip
+        return "".join(part["text"] for part in v)
 
 
 class ChatRequest(_Request):
@@ -61,9 +100,21 @@ def parse(kind: type[_Request], body: bytes) -> _Request:
         problems = []
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"]) or "body"
-            extra = err["type"] == "extra_forbidden"
-            problems.append(f"{where}: {'not supported by this server' if extra else err['msg']}")
+            message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+            if err["type"] == "extra_forbidden":
+                neutral = NEUTRAL.get(where, (None,))[0]
+                message = "not supported by this server" + (
+                    f" (accepted only at its neutral value {json.dumps(neutral)})"
+                    if neutral is not None else "")  # fmt: skip
+            problems.append(f"{where}: {message}")
         raise ValueError("; ".join(problems)) from None
+
+
+def _same(value, neutral) -> bool:
+    """Equal as JSON values: 0.0 is 0, but false is not 0."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    return value == neutral
 
 
 def usage(prompt: int, completion: int) -> dict:

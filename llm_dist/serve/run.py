@@ -166,6 +166,11 @@ def _transformers_app(spec, folder: str, keys: list[str], gpus: float):
 
 def _vllm_app(spec, folder: str):
     """Ray Serve LLM's OpenAI app on vLLM, with the spec's scaling and limits."""
+    from llm_dist.serve.config import positions_of, vllm_context_problem
+
+    problem = vllm_context_problem(spec.serve, positions_of(folder), folder)
+    if problem:  # validation may not have known the folder: the run's own winner
+        raise UserError(problem)
     try:
         from ray.serve.llm import LLMConfig, build_openai_app
     except ImportError as e:
