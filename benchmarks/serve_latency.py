@@ -1,16 +1,16 @@
-"""Serving overhead and batching, side by side in one run.
+"""Serving overhead and continuous batching, side by side in one run.
 
 The model is the quickstart's size (the `tiny` preset, random weights, a 4,096-token BPE
 tokenizer trained on standard-library text); prompts are lines of standard-library code. The
 replica and this process both get 2 CPU threads. Printed:
 
 - Overhead: the same greedy requests one at a time, transformers' `generate()` in this process
-  vs the served API over HTTP (Ray Serve's proxy, the batching queue, our decode loop).
-  p50/p99 latency and tokens/s of each, and their ratios. The served text is checked equal.
-- Batching: 16 concurrent clients sending sampled requests (seeded) to a replica with
-  max_batch_size 1, then 16 with the default batch_wait_timeout_s, then 16 waiting 0.1 s to
-  fill a batch: tokens/s, p50/p99 latency and the batch sizes the replica decoded.
-  The overhead part runs on the spec's defaults (max_batch_size 8, batch_wait_timeout_s 0.01).
+  vs the served API over HTTP on the shipped defaults (Ray Serve's proxy, the engine's queue
+  and decode loop). p50/p99 latency and tokens/s of each, and their ratios. The served text
+  is checked equal.
+- Batching: 1, 4, 16 and 32 concurrent clients sending sampled requests (seeded) to a replica
+  with max_batch_size 1 (unbatched), then to one on the shipped defaults (continuous
+  batching): tokens/s, p50/p99 latency, the batch sizes decode steps ran at, and the ratios.
 
     python benchmarks/serve_latency.py [REQUESTS] [MAX_TOKENS]   (default 32, 64)
 """
@@ -50,9 +50,11 @@ def setup(root: Path) -> tuple[str, list[str]]:
     return str(root / "model"), lines[:: max(1, len(lines) // (REQUESTS * 4))][: REQUESTS * 4]
 
 
-def post(url: str, body: dict) -> tuple[float, dict]:
-    request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
+def post(url: str, body: dict, key: str | None = None) -> tuple[float, dict]:
+    headers = {"Content-Type": "application/json"} | (
+        {"Authorization": f"Bearer {key}"} if key else {}
+    )
+    request = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(), headers)
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=600) as r:
         answer = json.load(r)
@@ -67,19 +69,27 @@ def summary(name: str, latencies: list[float], tokens: int, wall: float) -> dict
     return out
 
 
-def concurrent(url: str, prompts: list[str]) -> tuple[list[float], int, float]:
+def steps(url: str) -> dict[str, int]:
+    """The replica's decode steps so far, by batch size."""
+    with urllib.request.urlopen(f"{url}/health") as r:
+        return json.load(r)["steps"]
+
+
+def concurrent(url: str, prompts: list[str], clients: int, model: str = "bench",
+               key: str | None = None, max_tokens: int = MAX_TOKENS) -> tuple[list[float], int, float]:  # fmt: skip
+    """`clients` threads sending `prompts` between them, sampled and seeded: latencies, tokens, wall s."""
     latencies, tokens, lock = [], [0], threading.Lock()
 
     def client(mine: list[str], seed: int):
         for i, prompt in enumerate(mine):
-            seconds, answer = post(url, {"model": "bench", "prompt": prompt, "temperature": 0.8,
-                                         "max_tokens": MAX_TOKENS, "seed": seed * 1000 + i})  # fmt: skip
+            seconds, answer = post(url, {"model": model, "prompt": prompt, "temperature": 0.8,
+                                         "max_tokens": max_tokens, "seed": seed * 1000 + i}, key)  # fmt: skip
             with lock:
                 latencies.append(seconds)
                 tokens[0] += answer["usage"]["completion_tokens"]
 
     threads = [
-        threading.Thread(target=client, args=(prompts[c::CLIENTS], c)) for c in range(CLIENTS)
+        threading.Thread(target=client, args=(prompts[c::clients], c)) for c in range(clients)
     ]
     start = time.perf_counter()
     for t in threads:
@@ -102,10 +112,10 @@ def main() -> None:
     torch.set_num_threads(2)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
 
-    def serve_spec(**batching) -> JobSpec:
+    def serve_spec(**settings) -> JobSpec:
         return JobSpec(name="bench", storage_path=str(root), stages=["serve"], serve={
             "model": folder, "port": 8123, "max_tokens": MAX_TOKENS, "cpus_per_replica": 2,
-            "max_ongoing_requests": CLIENTS, "test_prompt": prompts[0], **batching})  # fmt: skip
+            "test_prompt": prompts[0], **settings})  # fmt: skip
 
     url = deploy(serve_spec(), str(root / "bench"))["url"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -139,18 +149,21 @@ def main() -> None:
           f"x{served['p99'] / ref['p99']:.2f}, tok/s x{served['tok_s'] / ref['tok_s']:.2f}; "
           f"identical texts {same}/{REQUESTS}")  # fmt: skip
 
-    print(f"\nBatching: {CLIENTS} concurrent clients, {len(prompts)} sampled requests in all")
-    results = []
-    for batch, wait in ((1, 0.0), (16, 0.01), (16, 0.1)):
-        deploy(serve_spec(max_batch_size=batch, batch_wait_timeout_s=wait), str(root / "bench"))
-        latencies, tokens, wall = concurrent(url, prompts)
-        results.append(summary(f"max_batch_size {batch}, wait {wait} s", latencies, tokens, wall))
-        with urllib.request.urlopen(f"{url}/health") as r:
-            print(f"    batch size: batches decoded {json.load(r)['batches']}")
-    u = results[0]
-    for (batch, wait), b in zip(((16, 0.01), (16, 0.1)), results[1:], strict=True):
-        print(f"  batch {batch} wait {wait} s / unbatched: tok/s x{b['tok_s'] / u['tok_s']:.2f}, "
-              f"p50 x{b['p50'] / u['p50']:.2f}, p99 x{b['p99'] / u['p99']:.2f}")  # fmt: skip
+    print("\nBatching: concurrent clients, sampled requests (temperature 0.8, a seed each)")
+    for name, settings in (("unbatched (max_batch_size 1)", {"max_batch_size": 1}),
+                           ("continuous (defaults)", {})):  # fmt: skip
+        deploy(serve_spec(**settings), str(root / "bench"))
+        for clients in (1, 4, 16, 32):
+            mine = prompts[: max(REQUESTS, 4 * clients)]
+            before = steps(url)
+            latencies, tokens, wall = concurrent(url, mine, clients)
+            rows[name, clients] = summary(f"{name}, {clients} clients", latencies, tokens, wall)
+            ran = {k: v - before.get(k, 0) for k, v in steps(url).items() if v > before.get(k, 0)}
+            print(f"    decode steps by batch size: {ran}")
+    for clients in (1, 4, 16, 32):
+        u, c = rows["unbatched (max_batch_size 1)", clients], rows["continuous (defaults)", clients]
+        print(f"  {clients:>2} clients, continuous / unbatched: tok/s x{c['tok_s'] / u['tok_s']:.2f}, "
+              f"p50 x{c['p50'] / u['p50']:.2f}, p99 x{c['p99'] / u['p99']:.2f}")  # fmt: skip
     ray.shutdown()
 
 

@@ -1,11 +1,52 @@
-"""The transformers engine without Ray: where answers end, and one request's failure is its own."""
+"""The transformers engine without Ray: continuous batching against generate(), where answers
+end, and one request's failure is its own."""
 
 import shutil
+import threading
 
 import pytest
 import torch
+from architectures import ARCHITECTURES, build, tokenizer
 
-from llm_dist.serve.engine import Job, decode
+from llm_dist.serve.engine import Engine, Job
+
+PROMPTS = ["def wrap(text, width=70):", "import os\n", "class Template:", "x = [",
+           "for line in lines:", "# Copyright"]  # fmt: skip
+
+
+def run(engine: Engine, jobs: list[Job], join_after: int | None = None) -> list[tuple]:
+    """(text, finish_reason, completion_tokens) of each job. All are submitted at once, or the
+    first alone and the rest once it has produced `join_after` events (mid-decode)."""
+    results: list[list] = [["", None, 0] for _ in jobs]
+    done = [threading.Event() for _ in jobs]
+    started = threading.Event()
+
+    def deliver(i):
+        def on(event):
+            results[i][0] += event.text
+            results[i][2] = event.completion_tokens
+            if join_after is not None and i == 0 and event.completion_tokens >= join_after:
+                started.set()
+            if event.finish_reason:
+                results[i][1] = event.finish_reason
+                done[i].set()
+
+        return on
+
+    engine.submit(jobs[0], deliver(0))
+    if join_after is not None:
+        assert started.wait(60)
+    for i, job in enumerate(jobs[1:], 1):
+        engine.submit(job, deliver(i))
+    assert all(d.wait(60) for d in done)
+    return [tuple(r) for r in results]
+
+
+def greedy(model, tok, ids: list[int], new: int) -> tuple[str, int]:
+    out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False,
+                         pad_token_id=tok.pad_token_id)[0, len(ids) :].tolist()  # fmt: skip
+    kept = [t for t in out if t != tok.eos_token_id]
+    return tok.decode(kept, skip_special_tokens=True), len(kept)
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +58,45 @@ def loaded(tiny_base):
     return AutoModelForCausalLM.from_pretrained(tiny_base).eval(), load(tiny_base)
 
 
-def answer(model, tokenizer, jobs: list[Job]) -> list[tuple[str, str | None, int]]:
-    """(text, finish_reason, completion_tokens) of each job, decoded together."""
-    texts, last = [""] * len(jobs), [None] * len(jobs)
-    for events in decode(model, tokenizer, jobs):
-        for i, event in enumerate(events):
-            if event is not None:
-                texts[i] += event.text
-                last[i] = event
-    return [(t, e.finish_reason, e.completion_tokens) for t, e in zip(texts, last, strict=True)]
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "mistral-window-8"])
+def test_requests_that_join_mid_decode_answer_as_generate_does(arch):
+    """Two requests join a third after its 5th token: each greedy answer equals generate()'s.
+    mistral-window-8 fills its sliding window while the others join."""
+    tok = tokenizer()
+    model = build(arch.split("-")[0], tok).eval()
+    if arch == "mistral-window-8":
+        model.config.sliding_window = 8
+        model = type(model)(model.config).eval()
+    engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
+    # the first streams (an Event per step), the others get their answer once, at the end
+    jobs = [Job(tok.encode(p), 16, temperature=0, stream=i == 0) for i, p in enumerate(PROMPTS[:3])]
+    got = run(engine, jobs, join_after=5)
+    for job, (text, finish, n) in zip(jobs, got, strict=True):
+        assert (text, n) == greedy(model, tok, job.ids, 16)
+        assert finish == ("length" if n == 16 else "stop")
+    assert max(engine.steps) == 3  # they did run together
+
+
+def test_sampled_answers_do_not_depend_on_who_else_is_decoding(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch_size=8, max_batch_total_tokens=4096)
+    jobs = [
+        Job(tok.encode(p), 12, temperature=0.8, top_p=0.9, seed=i) for i, p in enumerate(PROMPTS)
+    ]
+    together = run(engine, jobs, join_after=3)
+    alone = [run(engine, [job])[0] for job in jobs]
+    assert together == alone and max(engine.steps) == len(PROMPTS)
+
+
+def test_the_kv_budget_makes_requests_wait_not_fail(loaded):
+    """Room for one request's cache at a time: the second waits, then decodes."""
+    model, tok = loaded
+    jobs = [Job(tok.encode(p), 12, temperature=0) for p in PROMPTS[:2]]
+    budget = max(len(j.ids) + 12 for j in jobs)
+    engine = Engine(model, tok, max_batch_size=8, max_batch_total_tokens=budget)
+    got = run(engine, jobs)
+    assert [(t, n) for t, _, n in got] == [greedy(model, tok, j.ids, 12) for j in jobs]
+    assert set(engine.steps) == {1}  # never both at once
 
 
 def test_an_end_id_listed_only_in_the_generation_config_ends_the_answer(tiny_base, tmp_path):
@@ -36,35 +107,57 @@ def test_an_end_id_listed_only_in_the_generation_config_ends_the_answer(tiny_bas
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_base, folder)
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), load(str(folder))
-    ids = tokenizer.encode("def read_config(path):")
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), load(str(folder))
+    ids = tok.encode("def read_config(path):")
     first = int(model.generate(torch.tensor([ids]), max_new_tokens=1, do_sample=False)[0, -1])
-    assert first != tokenizer.eos_token_id  # the model's greedy first token: its "end of turn"
-    GenerationConfig(eos_token_id=[tokenizer.eos_token_id, first]).save_pretrained(folder)
+    assert first != tok.eos_token_id  # the model's greedy first token: its "end of turn"
+    GenerationConfig(eos_token_id=[tok.eos_token_id, first]).save_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     reference = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
     assert reference.shape[1] == len(ids) + 1  # generate() stops at once
-    assert answer(model, tokenizer, [Job(ids, 16, temperature=0)]) == [("", "stop", 0)]
+    engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
+    assert run(engine, [Job(ids, 16, temperature=0)]) == [("", "stop", 0)]
 
 
 def test_one_request_that_fails_ends_alone(loaded):
     """A batch where one request's sampling fails: the others answer as they do alone."""
-    model, tokenizer = loaded
-    prompts = ["def wrap(text, width=70):", "import os\n", "class Template:", "x = ["]
-    jobs = [Job(tokenizer.encode(p), 12, temperature=0.8, seed=i) for i, p in enumerate(prompts)]
+    model, tok = loaded
+    jobs = [Job(tok.encode(p), 12, temperature=0.8, seed=i) for i, p in enumerate(PROMPTS[:4])]
     jobs[1] = Job(jobs[1].ids, 12, temperature=0)
-    bad = Job(tokenizer.encode("for line in lines:"), 12, temperature=float("nan"))
-    together = answer(model, tokenizer, [*jobs[:2], bad, *jobs[2:]])
-    alone = [answer(model, tokenizer, [job])[0] for job in jobs]
+    bad = Job(tok.encode("for line in lines:"), 12, temperature=float("nan"))
+    engine = Engine(model, tok, max_batch_size=8, max_batch_total_tokens=4096)
+    together = run(engine, [*jobs[:2], bad, *jobs[2:]])
+    alone = [run(engine, [job])[0] for job in jobs]
     assert [together[i] for i in (0, 1, 3, 4)] == alone
     assert together[2] == ("", "error", 0)
     assert sum(n for _, _, n in alone) >= 12  # the others really decoded
 
 
 def test_a_tiny_temperature_is_greedy(loaded):
-    model, tokenizer = loaded
-    ids = tokenizer.encode("def main():\n    parser = ")
-    greedy = answer(model, tokenizer, [Job(ids, 12, temperature=0)])
-    assert answer(model, tokenizer, [Job(ids, 12, temperature=1e-30, seed=3)]) == greedy
-    reference = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0]
-    assert greedy[0][0] == tokenizer.decode(reference[len(ids) :], skip_special_tokens=True)
+    model, tok = loaded
+    ids = tok.encode("def main():\n    parser = ")
+    engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
+    tiny = run(engine, [Job(ids, 12, temperature=1e-30, seed=3)])[0]
+    assert (tiny[0], tiny[2]) == greedy(model, tok, ids, 12)
+
+
+def test_sampling_follows_the_distribution_temperature_and_top_p():
+    """Inverse-CDF draws from each row's own generator: frequencies match softmax(logits / T),
+    top_p keeps the smallest head whose mass reaches it, and rows do not affect each other."""
+    from llm_dist.serve.engine import _sample
+
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
+    n = 4000
+    for temperature, top_p, expected in ((1.0, 1.0, [0.5, 0.25, 0.15, 0.1]),
+                                         (1.0, 0.7, [2 / 3, 1 / 3, 0, 0]),
+                                         (0.5, 1.0, [0.25 / 0.3525, 0.0625 / 0.3525,
+                                                     0.0225 / 0.3525, 0.01 / 0.3525])):  # fmt: skip
+        job = Job([1], 1, temperature=temperature, top_p=top_p)
+        generator = torch.Generator().manual_seed(0)
+        draws = [_sample(logits[None], [job], [generator])[0] for _ in range(n)]
+        freq = [draws.count(t) / n for t in range(4)]
+        assert all(abs(f - e) < 0.03 for f, e in zip(freq, expected, strict=True)), freq
+    jobs = [Job([1], 1, temperature=0.9, seed=s) for s in range(3)]
+    alone = [_sample(logits[None], [j], [torch.Generator().manual_seed(7)])[0] for j in jobs]
+    generators = [torch.Generator().manual_seed(7) for _ in jobs]
+    assert _sample(logits.expand(3, 4), jobs, generators) == alone

@@ -111,5 +111,5 @@ def test_text_utf8_cannot_hold_is_refused_before_tokenizing():
     """JSON may escape a lone surrogate; the tokenizer could not take it."""
     for escape in (b"\\ud83d", b"\\udc80 low"):
         body = b'{"model": "m", "prompt": "half an emoji ' + escape + b'"}'
-        with pytest.raises(ValueError, match="body: Invalid JSON: .*(hex escape|surrogate)"):
+        with pytest.raises(ValueError, match=r"body: Invalid JSON: .*(hex escape|surrogate)"):
             protocol.parse(protocol.CompletionRequest, body)

@@ -1,7 +1,7 @@
 """The served API on a real local Ray: real HTTP on loopback, the official `openai` client.
 
 One application stays up for the module: a 2-layer random Llama with a chat template, API keys
-from an environment variable, batches of up to 4 gathered for 0.2 s, at most 20 new tokens.
+from an environment variable, batches of up to 4 requests, at most 20 new tokens.
 Served text is compared with transformers' own `generate()` on the same folder.
 """
 
@@ -52,7 +52,7 @@ def server(ray_session, serve_port, model_folder, tmp_path_factory, monkeypatch_
     spec = JobSpec(
         name="served", storage_path=str(tmp_path_factory.mktemp("runs")), stages=["serve"],
         serve={"model": model_folder, "port": serve_port, "api_keys_env": KEYS_ENV,
-               "max_batch_size": 4, "batch_wait_timeout_s": 0.2, "max_tokens": 20,
+               "max_batch_size": 4, "max_tokens": 20,
                "max_prompt_tokens": 40, "cpus_per_replica": 1},
     )  # fmt: skip
     outputs = deploy(spec, f"{spec.storage_path}/served")
@@ -183,7 +183,7 @@ def test_seed_and_stop(server):
 
 def test_concurrent_requests_are_batched_and_match_one_by_one(server, reference):
     tokenizer, generate = reference
-    before = health(server)["batches"]
+    before = health(server)["steps"]
     answers: dict[int, str] = {}
 
     def ask(i):
@@ -197,11 +197,11 @@ def test_concurrent_requests_are_batched_and_match_one_by_one(server, reference)
     for t in threads:
         t.join(timeout=120)
     assert len(answers) == len(PROMPTS)
-    after = health(server)["batches"]
+    after = health(server)["steps"]
     grown = {int(k) for k, v in after.items() if v > before.get(k, 0)}
-    assert max(grown) > 1, f"no batch above 1 request: {after}"
+    assert max(grown) > 1, f"no step above 1 request: {after}"
     assert max(grown) <= 4  # serve.max_batch_size
-    for i, prompt in enumerate(PROMPTS):  # left padding changes nothing
+    for i, prompt in enumerate(PROMPTS):  # left padding and joining mid-decode change nothing
         assert answers[i] == generate(tokenizer.encode(prompt))[0]
 
 

@@ -238,6 +238,23 @@ def test_vllm_past_the_models_positions_is_refused_before_it_starts(tmp_path, ti
         deploy(spec, str(run))
 
 
+def test_a_port_a_stopped_server_left_in_time_wait_is_free():
+    """Restarting `llm-dist serve` right after stopping it: the old connections' TIME_WAIT
+    does not hold the port (the proxy binds with SO_REUSEADDR, and so does the check)."""
+    from llm_dist.serve.run import _check_port
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end stays in TIME_WAIT
+        client.close()
+    _check_port("127.0.0.1", port)  # no UserError
+
+
 def test_a_taken_port_is_refused_before_ray_starts(tmp_path, tiny_base):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

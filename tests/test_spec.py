@@ -89,10 +89,10 @@ BAD = {
     "warmup past the budget": (merged("tune", max_steps=20, search_space={"warmup_steps": {"choice": [0, 30]}}), "tune.warmup_steps: 30 is not below tune.max_steps (20)"),
     "port out of range": (merged("serve", port=70000), "serve.port: got 70000"),
     "vllm on cpu": (merged("serve", engine="vllm", gpus_per_replica=0), "serve.engine: vllm needs a GPU per replica"),
-    "batch above ongoing": (merged("serve", max_batch_size=32), "serve.max_ongoing_requests: 16 is below max_batch_size (32)"),
+    "batch above ongoing": (merged("serve", max_batch_size=64), "serve.max_ongoing_requests: 32 is below max_batch_size (64)"),
     "two key sources": (merged("serve", api_keys_env="K", api_keys_file="k.txt"), "serve.api_keys_env and serve.api_keys_file are both set"),
     "vllm past the positions": ({**merged("serve", engine="vllm", max_prompt_tokens=500, max_tokens=64), "stages": ["data", "pretrain", "serve"]}, "serve.max_prompt_tokens + serve.max_tokens: 500 + 64 = 564 exceeds the 512 positions of the model pretrained here (model:)"),
-    "vllm with keys": (merged("serve", engine="vllm", gpus_per_replica=1, api_keys_env="K"), "serve.engine: vllm (Ray Serve LLM's OpenAI app) does not check API keys"),
+    "batch budget below a request": (merged("serve", max_batch_total_tokens=1000), "serve.max_batch_total_tokens: 1000 cannot hold one request of max_prompt_tokens + max_tokens (1024 + 256)"),
     "overload status": (merged("serve", overload_status=500), "serve.overload_status"),
     "autoscaling min above max": (merged("serve", autoscaling={"min_replicas": 3, "max_replicas": 2}), "serve.autoscaling.min_replicas: 3 is above max_replicas"),
     "bad placement": (merged("cluster", placement_strategy="RANDOM"), "cluster.placement_strategy: got 'RANDOM'"),
@@ -112,6 +112,13 @@ def test_every_problem_reported_together(tmp_path):
     assert "3 problem(s)" in message
     for field in ("pretrain.zero_stage", "serve.port", "data.nope"):
         assert field in message
+
+
+def test_vllm_takes_api_keys(tmp_path):
+    """Ray Serve LLM's ingress checks them (`llm_dist.serve.vllm`): no longer refused."""
+    spec = {**merged("serve", engine="vllm", api_keys_env="K", max_prompt_tokens=256),
+            "stages": ["data", "pretrain", "serve"]}  # fmt: skip
+    assert load_spec(write(tmp_path, spec)).serve.api_keys_env == "K"
 
 
 def test_overrides_are_typed_by_the_model(tmp_path):
@@ -169,3 +176,24 @@ def test_every_field_is_documented():
                 walk(sub, f"{prefix}{name}.")
 
     walk(JobSpec)
+
+
+def test_the_gpu_check_validates_every_spec_it_would_run(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: what CI can check of it on CPU."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--dry-run", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:3] == [
+        f"llm-dist data stdlib {tmp_path}/data",
+        f"llm-dist run {tmp_path}/pretrain-1gpu.yaml",
+        f"llm-dist run {tmp_path}/pretrain-2gpu.yaml",
+    ]
+    for name in ("pretrain-1gpu", "pretrain-2gpu", "serve-transformers", "serve-vllm"):
+        spec = load_spec(tmp_path / f"{name}.yaml")
+        assert spec.cluster.use_gpu is True
+    assert load_spec(tmp_path / "pretrain-2gpu.yaml").pretrain.num_workers == 2
+    assert load_spec(tmp_path / "serve-vllm.yaml").serve.api_keys_env  # keys on vLLM

@@ -1,17 +1,15 @@
-"""The Ray Serve deployment: OpenAI-compatible routes over the batched transformers engine.
+"""The Ray Serve deployment: OpenAI-compatible routes over the transformers engine.
 
-Requests that reach a replica together are decoded together (`@serve.batch` over the engine's
-step generator), each with its own sampling; streamed or not, every answer comes out of that
-one path. Ray Serve's proxy does the queueing and refuses overload (`max_queued_requests`).
+Every request of a replica goes to its one engine, which batches continuously: a request
+joins the running batch at the next decode step and leaves when it ends, each with its own
+sampling; streamed or not, every answer comes out of that one path. Ray Serve's proxy does
+the queueing and refuses overload (`max_queued_requests`).
 """
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 import uuid
-from collections import Counter
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,7 +17,7 @@ from ray import serve  # this module is imported only when serving
 
 from llm_dist.finetune.formats import prompt_ids
 from llm_dist.serve import protocol
-from llm_dist.serve.engine import Job, decode
+from llm_dist.serve.engine import Engine, Job
 
 api = FastAPI(title="llm-dist", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -56,23 +54,26 @@ class LLMServer:
         self.context = min(self.model.config.max_position_embeddings,
                            self.tokenizer.model_max_length)  # fmt: skip
         self.name, self.key_hashes, self.limits = name, key_hashes, limits
-        self.batches: Counter[int] = Counter()  # batch size -> batches decoded, for /health
-        self._decode.set_max_batch_size(limits["max_batch_size"])
-        self._decode.set_batch_wait_timeout_s(limits["batch_wait_timeout_s"])
+        self.engine = Engine(self.model, self.tokenizer, limits["max_batch_size"],
+                             limits["max_batch_total_tokens"])  # fmt: skip
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # replaced per spec in __init__
-    async def _decode(self, jobs: list[Job]):
-        """Decode the requests queued together; yields each step's Events (StopIteration once done)."""
-        self.batches[len(jobs)] += 1
-        steps = decode(self.model, self.tokenizer, jobs)
-        # each step runs in a thread, so the replica keeps taking requests while it decodes
-        while (events := await asyncio.to_thread(next, steps, None)) is not None:
-            yield [StopIteration if e is None else e for e in events]
+    async def _decode(self, job: Job):
+        """The Events of `job` as the engine's thread produces them, the last with its end."""
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        request = self.engine.submit(job, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        try:
+            while not (event := await events.get()).finish_reason:
+                yield event
+            yield event
+        finally:  # a client that went away (or a finished request) frees its row
+            request.cancelled = True
 
     @api.get("/health")
     def health(self):
+        """Open to probes: the model, and how many decode steps ran at each batch size."""
+        steps = self.engine.steps
         return {"status": "ok", "model": self.name,
-                "batches": {str(k): v for k, v in sorted(self.batches.items())}}  # fmt: skip
+                "steps": {str(k): v for k, v in sorted(steps.items())}}  # fmt: skip
 
     @api.get("/v1/models")
     def models(self, request: Request):
@@ -90,11 +91,7 @@ class LLMServer:
         return await self._answer(request, chat=True)
 
     def _authorized(self, request: Request) -> bool:
-        if not self.key_hashes:
-            return True
-        key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        digest = hashlib.sha256(key.encode()).hexdigest()  # keys reach replicas only as hashes
-        return any(hmac.compare_digest(digest, h) for h in self.key_hashes)
+        return protocol.authorized(request.headers.get("authorization", ""), self.key_hashes)
 
     async def _answer(self, request: Request, chat: bool):
         if not self._authorized(request):  # before the body is read: no key, no parsing
@@ -124,7 +121,8 @@ class LLMServer:
                           param="messages" if chat else "prompt")  # fmt: skip
         asked = (req.max_completion_tokens if chat else None) or req.max_tokens
         cap = min(self.limits["max_tokens"], self.context - len(ids))
-        job = Job(ids, min(asked or cap, cap), req.temperature, req.top_p, req.stop or [], req.seed)
+        job = Job(ids, min(asked or cap, cap), req.temperature, req.top_p, req.stop or [], req.seed,
+                  req.stream)  # fmt: skip
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         events = self._decode(job)
         if req.stream:

@@ -51,12 +51,12 @@ class ServeConfig(Section):
     """CPUs reserved per replica."""
     gpus_per_replica: float | None = Field(None, ge=0.0)
     """GPUs per replica; empty: 1 when the cluster has GPUs (always for vllm), else 0."""
-    max_batch_size: int = Field(8, ge=1)
-    """Most requests decoded together on one replica."""
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
-    """How long a replica waits to fill a batch."""
-    max_ongoing_requests: int = Field(16, ge=1)
-    """Requests a replica accepts at once."""
+    max_batch_size: int = Field(16, ge=1)
+    """Most requests decoded together on one replica (vLLM's max_num_seqs); others wait for a row."""
+    max_batch_total_tokens: int = Field(32768, ge=1)
+    """KV cache budget of a replica's batch, in tokens: its rows times the longest prompt + max_tokens among them. A request that would pass it waits."""
+    max_ongoing_requests: int = Field(32, ge=1)
+    """Requests a replica accepts at once: up to max_batch_size decode, the rest wait in its engine, first come first served."""
     max_queued_requests: int = Field(64, ge=-1)
     """Requests queued beyond that before answering `overload_status` (-1: unbounded)."""
     overload_status: Literal[503, 429] = 503
@@ -87,13 +87,14 @@ class ServeConfig(Section):
                 f"serve.max_ongoing_requests: {self.max_ongoing_requests} is below "
                 f"max_batch_size ({self.max_batch_size}), so batches never fill; raise it"
             )
+        if self.max_prompt_tokens + self.max_tokens > self.max_batch_total_tokens:
+            raise ValueError(
+                f"serve.max_batch_total_tokens: {self.max_batch_total_tokens} cannot hold one "
+                f"request of max_prompt_tokens + max_tokens ({self.max_prompt_tokens} + "
+                f"{self.max_tokens}); raise it or lower those"
+            )
         if self.api_keys_env and self.api_keys_file:
             raise ValueError("serve.api_keys_env and serve.api_keys_file are both set; keep one")
-        if self.engine == "vllm" and (self.api_keys_env or self.api_keys_file):
-            raise ValueError(
-                "serve.engine: vllm (Ray Serve LLM's OpenAI app) does not check API keys; "
-                "use engine: transformers, or drop the keys and put a gateway in front"
-            )
         if (
             self.engine == "vllm"
             and self.gpus_per_replica is not None

@@ -1,12 +1,22 @@
-"""The transformers engine: decode a batch of requests together, one token per step.
+"""The transformers engine: continuous batching, one token per step for every running request.
 
-Each request keeps its own sampling (temperature, top_p, seed, stop strings, max_tokens): the
-batch shares the model's forward passes and a KV cache, nothing else. Prompts are left-padded;
-a request that finishes leaves the batch, so the others stop paying for it. A request whose
-own step fails (its sampling) ends alone with finish_reason "error"; the others go on.
+One thread per replica runs the decode loop. A request joins the running batch at the next
+step: its prompt is prefilled (with the other newcomers, left-padded) and its KV cache joins
+the batch's, left-padded to the same length; a request that ends leaves at once, so nobody
+waits for a batch to finish. Each request keeps its own sampling (temperature, top_p, seed,
+stop strings, max_tokens): the batch shares forward passes and a KV cache, nothing else.
+
+Memory is bounded by `max_batch_total_tokens`: a request joins only while the padded cache
+the batch could reach (its rows times the longest prompt + max_tokens among them) stays within
+it; otherwise it waits, and Ray Serve's queue limits refuse what waits beyond them. A request
+whose own step fails (its sampling) ends alone with finish_reason "error"; a failing forward
+pass ends the requests in it, and the loop goes on with the next ones.
 """
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -20,6 +30,7 @@ class Job:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    stream: bool = True  # an Event per step; else one, at the end, with the whole text
 
 
 @dataclass
@@ -34,94 +45,165 @@ class Event:
     error: str | None = None
 
 
-def decode(model, tokenizer, jobs: list[Job]) -> Iterator[list[Event | None]]:
-    """Decode `jobs` together; yields one list per step, an Event per job (None once it ended).
+@dataclass
+class Request:
+    """A job in the engine: where its events go, its sampling state, what it produced."""
 
-    A job ends at any id `generate()` ends at (`formats.end_ids`). Its text is held back while
-    its tail could still be the start of a stop string, and while it ends in a partial UTF-8
-    character, so streamed text never needs taking back.
-    """
-    import os
+    job: Job
+    deliver: Callable[[Event], None]  # called from the decode thread
+    cancelled: bool = False  # set by the caller (a client that went away): it leaves
+    out: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text delivered so far
+    generator: object = None
 
-    import torch
-    from transformers import DynamicCache
+    @property
+    def size(self) -> int:  # the most cache this request can hold
+        return len(self.job.ids) + self.job.max_tokens
 
-    from llm_dist.finetune.formats import end_ids
 
-    n, ends = len(jobs), end_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(ends)
-    width = max(len(j.ids) for j in jobs)
-    device = model.device
-    ids = torch.tensor([[pad] * (width - len(j.ids)) + j.ids for j in jobs], device=device)
-    mask = torch.tensor([[0] * (width - len(j.ids)) + [1] * len(j.ids) for j in jobs],
-                        device=device)  # fmt: skip
-    position = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift RoPE positions
-    generators = [torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")
-                                                if j.seed is None else j.seed) for j in jobs]  # fmt: skip
-    out: list[list[int]] = [[] for _ in jobs]
-    sent = [0] * n
-    alive = list(range(n))  # rows of the current batch, as indices into jobs
-    cache = DynamicCache(config=model.config)
-    while alive:
-        with torch.inference_mode():
-            step = model(input_ids=ids, attention_mask=mask, position_ids=position, cache=cache,
-                         use_cache=True)  # fmt: skip
-        logits = step.logits[:, -1].float().cpu()  # (B, V): sampling runs on CPU generators
-        events: list[Event | None] = [None] * n
-        keep = []
-        for row, i in enumerate(alive):
-            job = jobs[i]
+class Engine:
+    """The decode loop of one replica; `submit` is safe from any thread."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int, max_batch_total_tokens: int):
+        from llm_dist.finetune.formats import end_ids
+
+        self.model, self.tokenizer = model, tokenizer
+        self.ends = end_ids(model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.ends)
+        self.max_batch_size, self.max_batch_total_tokens = max_batch_size, max_batch_total_tokens
+        self._steps: Counter[int] = Counter()  # batch size -> decode steps run at it
+        self._lock = threading.Lock()
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="llm-dist-decode", daemon=True).start()
+
+    def submit(self, job: Job, deliver: Callable[[Event], None]) -> Request:
+        """Queue `job`; its Events go to `deliver`, the last one with a finish_reason."""
+        import os
+
+        import torch
+
+        seed = int.from_bytes(os.urandom(8), "little") if job.seed is None else job.seed
+        request = Request(job, deliver, generator=torch.Generator().manual_seed(seed))
+        self._inbox.put(request)
+        return request
+
+    @property
+    def steps(self) -> dict[int, int]:
+        """How many decode steps ran at each batch size (for /health)."""
+        with self._lock:
+            return dict(self._steps)
+
+    def _loop(self) -> None:
+        from collections import deque
+
+        import torch
+
+        from llm_dist.serve.batch import Batch
+
+        waiting: deque[Request] = deque()
+        running: list[Request] = []
+        batch = None
+        while True:
+            while not running and not waiting:  # idle: sleep until a request comes
+                waiting.append(self._inbox.get())
+            while not self._inbox.empty():
+                waiting.append(self._inbox.get())
+            joining = self._admit(running, waiting, batch)
+            if not running and not joining:
+                continue  # the waiting ones were cancelled
             try:
-                token = _sample(logits[row], job, generators[i])
-            except Exception as e:  # e.g. non-finite scores: this request alone cannot go on
-                events[i] = Event(
-                    "", "error", len(job.ids), len(out[i]), f"{type(e).__name__}: {e}"
-                )
+                with torch.inference_mode():
+                    logits = [batch.step(self.model)] if running else []
+                    new = Batch.prefill(self.model, [r.job.ids for r in joining], self.pad)
+            except Exception as e:  # the forward pass failed: its requests end, the loop goes on
+                for r in running + joining:
+                    r.deliver(Event("", "error", len(r.job.ids), len(r.out),
+                                    f"{type(e).__name__}: {e}"))  # fmt: skip
+                running, batch = [], None
                 continue
-            finish = None
-            if token in ends:
-                finish = "stop"
-            else:
-                out[i].append(token)
-            text = tokenizer.decode(out[i], skip_special_tokens=True)
-            cut = min((k for k in (text.find(s) for s in job.stop) if k >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-            elif finish is None and len(out[i]) >= job.max_tokens:
-                finish = "length"
-            end = len(text)
-            if finish is None:  # hold back what may turn out to be a stop string's start
-                end -= max((len(s) - 1 for s in job.stop), default=0)
-                end -= len(text) - len(text.rstrip("\ufffd"))  # a partial UTF-8 character
-            events[i] = Event(text[sent[i] : max(end, sent[i])], finish, len(job.ids), len(out[i]))
-            sent[i] = max(end, sent[i])
-            if finish is None:
-                keep.append(row)
-        yield events
-        if len(keep) < len(alive):
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.batch_select_indices(index)
-            mask, position = mask[index], position[index]
-            alive = [alive[row] for row in keep]
-        if alive:
-            ids = torch.tensor([[out[i][-1]] for i in alive], device=device)  # (B, 1)
-            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-            position = position[:, -1:] + 1
+            everyone = running + joining
+            logits = torch.cat(logits + ([new.logits] if new else []))
+            with self._lock:
+                self._steps[len(everyone)] += 1
+            tokens = _sample(logits, [r.job for r in everyone], [r.generator for r in everyone])
+            keep = [k for k, r in enumerate(everyone) if self._advance(r, tokens[k])]
+            tokens = [everyone[k].out[-1] for k in keep]
+            batch = Batch.merged(batch if running else None, new, keep, len(running), tokens)
+            running = [everyone[k] for k in keep]
+
+    def _admit(self, running: list[Request], waiting, batch) -> list[Request]:
+        """The waiting requests that join now, first come first served, within the limits."""
+        joining: list[Request] = []
+        while waiting and len(running) + len(joining) < self.max_batch_size:
+            if running and batch is not None and not batch.mergeable:
+                break  # a cache that cannot take new rows: newcomers wait for this batch
+            head = waiting[0]
+            if head.cancelled:
+                waiting.popleft()
+                continue
+            rows = running + joining + [head]
+            if (
+                len(rows) > 1
+                and len(rows) * max(r.size for r in rows) > self.max_batch_total_tokens
+            ):
+                break
+            joining.append(waiting.popleft())
+        return joining
+
+    def _advance(self, r: Request, token: int | None) -> bool:
+        """Take `r`'s next token, deliver its new text; False once it has ended."""
+        job = r.job
+        if r.cancelled:
+            return False
+        if token is None:  # its scores were not a distribution (non-finite): it alone ends
+            r.deliver(Event("", "error", len(job.ids), len(r.out),
+                            "the model's scores for this request are not finite"))  # fmt: skip
+            return False
+        finish = "stop" if token in self.ends else None
+        if finish is None:
+            r.out.append(token)
+            finish = "length" if len(r.out) >= job.max_tokens else None
+        if finish is None and not job.stream and not job.stop:
+            return True  # nothing to look at or hand over before the end
+        text = self.tokenizer.decode(r.out, skip_special_tokens=True)
+        cut = min((k for k in (text.find(s) for s in job.stop) if k >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        end = len(text)
+        if finish is None:  # hold back what may turn out to be a stop string's start
+            end -= max((len(s) - 1 for s in job.stop), default=0)
+            end -= len(text) - len(text.rstrip("\ufffd"))  # a partial UTF-8 character
+        if job.stream or finish is not None:  # a whole answer is handed over once, at its end
+            r.deliver(Event(text[r.sent : max(end, r.sent)], finish, len(job.ids), len(r.out)))
+            r.sent = max(end, r.sent)
+        return finish is None
 
 
-def _sample(logits, job: Job, generator) -> int:
-    """One token from a row of logits: greedy at temperature 0, else top-p sampling.
+def _sample(logits, jobs: list[Job], generators: list) -> list[int | None]:
+    """Each row's next token from (B, V) float32 scores: greedy at temperature 0, else top-p
+    sampling by inverse CDF with a uniform draw from the row's own seeded generator, so a
+    row's token does not depend on the other rows. None where a row's scores (or its
+    temperature) give no distribution.
 
     Below 1e-5 (vLLM's threshold) a temperature is taken as 0: dividing by it would overflow.
     """
     import torch
 
-    if job.temperature < 1e-5:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / job.temperature, dim=-1)
-    if job.top_p < 1:
-        top, index = probs.sort(descending=True)
-        # keep the smallest set of most likely tokens whose mass reaches top_p
-        top[(top.cumsum(0) - top) >= job.top_p] = 0
-        probs = torch.zeros_like(probs).scatter(0, index, top)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    tokens: list[int | None] = logits.argmax(-1).tolist()
+    rows = [i for i, j in enumerate(jobs) if not j.temperature < 1e-5]  # NaN samples, and fails
+    if not rows:
+        return tokens
+    temperature = torch.tensor([[jobs[i].temperature] for i in rows])
+    probs = torch.softmax(logits[rows] / temperature, dim=-1)
+    top_p = torch.tensor([[jobs[i].top_p] for i in rows])
+    if (top_p < 1).any():  # keep the smallest set of most likely tokens whose mass reaches top_p
+        top, index = probs.sort(dim=-1, descending=True)
+        top[(top.cumsum(-1) - top) >= top_p] = 0
+        probs = torch.zeros_like(probs).scatter(-1, index, top)
+    cdf = probs.cumsum(-1)
+    draws = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])
+    picked = torch.searchsorted(cdf, (draws * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    good = torch.isfinite(cdf[:, -1]) & (cdf[:, -1] > 0)
+    for row, i in enumerate(rows):
+        tokens[i] = min(int(picked[row]), probs.shape[-1] - 1) if good[row] else None
+    return tokens

@@ -6,6 +6,8 @@ accepted at their neutral value, which asks for nothing (clients such as LangCha
 `frequency_penalty: 0` unprompted), and refused by name at any other value.
 """
 
+import hashlib
+import hmac
 import json
 from typing import Literal
 
@@ -115,6 +117,15 @@ def _same(value, neutral) -> bool:
     if isinstance(value, bool) or isinstance(neutral, bool):
         return value is neutral
     return value == neutral
+
+
+def authorized(authorization: str, key_hashes: list[str]) -> bool:
+    """Whether an `Authorization: Bearer KEY` header carries one of the keys (SHA-256 hashes:
+    keys never reach the replicas); every request is authorized when there are none."""
+    if not key_hashes:
+        return True
+    digest = hashlib.sha256(authorization.removeprefix("Bearer ").strip().encode()).hexdigest()
+    return any(hmac.compare_digest(digest, h) for h in key_hashes)
 
 
 def usage(prompt: int, completion: int) -> dict:

@@ -56,7 +56,7 @@ def deploy(spec, run: str) -> dict:
     tokenizer = check_folder(folder, source)
     keys = _keys(s)
     if s.engine == "vllm":
-        app = _vllm_app(spec, folder)  # before Ray starts: fails fast without Ray Serve LLM
+        app = _vllm_app(spec, folder, keys)  # before Ray starts: fails fast without vLLM
     if spec.cluster.address is None and not ray.is_initialized():
         _check_port(s.host, s.port)  # a fresh embedded Ray: nothing of ours holds it yet
     connect(spec)
@@ -143,6 +143,8 @@ def _keys(s) -> list[str]:
 def _check_port(host: str, port: int) -> None:
     """Refuse a taken port up front: Serve's proxy would otherwise fail to start in the background."""
     with socket.socket() as sock:
+        # as the proxy's server binds: a port a stopped server left in TIME_WAIT is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as e:
@@ -156,7 +158,7 @@ def _transformers_app(spec, folder: str, keys: list[str], gpus: float):
     s = spec.serve
     hashes = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
     limits = s.model_dump(include={"max_tokens", "max_prompt_tokens", "max_batch_size",
-                                   "batch_wait_timeout_s"})  # fmt: skip
+                                   "max_batch_total_tokens"})  # fmt: skip
     return LLMServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": gpus},
         max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
@@ -164,28 +166,18 @@ def _transformers_app(spec, folder: str, keys: list[str], gpus: float):
     ).bind(folder, spec.name, hashes, limits)  # fmt: skip
 
 
-def _vllm_app(spec, folder: str):
-    """Ray Serve LLM's OpenAI app on vLLM, with the spec's scaling and limits."""
+def _vllm_app(spec, folder: str, keys: list[str]):
+    """Ray Serve LLM's OpenAI app on vLLM (`llm_dist.serve.vllm`), checked before Ray starts."""
     from llm_dist.serve.config import positions_of, vllm_context_problem
 
     problem = vllm_context_problem(spec.serve, positions_of(folder), folder)
     if problem:  # validation may not have known the folder: the run's own winner
         raise UserError(problem)
     try:
-        from ray.serve.llm import LLMConfig, build_openai_app
+        from llm_dist.serve import vllm
     except ImportError as e:
         raise UserError(
             f"serve.engine: vllm needs Ray Serve LLM and vLLM ({e}); install them with "
             "`pip install 'llm-dist[vllm]'` on every GPU node, or use engine: transformers"
         ) from None
-    s = spec.serve
-    source = {"bucket_uri": folder} if "://" in folder else folder
-    return build_openai_app({"llm_configs": [LLMConfig(
-        model_loading_config={"model_id": spec.name, "model_source": source},
-        accelerator_type=spec.cluster.accelerator_type,
-        engine_kwargs={"max_model_len": s.max_prompt_tokens + s.max_tokens,
-                       "max_num_seqs": s.max_batch_size,
-                       "tensor_parallel_size": max(1, int(s.gpus_per_replica or 1))},
-        deployment_config={"max_ongoing_requests": s.max_ongoing_requests,
-                           "max_queued_requests": s.max_queued_requests, **s.scaling()},
-    )]})  # fmt: skip
+    return vllm.app(spec, folder, [hashlib.sha256(k.encode()).hexdigest() for k in keys])
