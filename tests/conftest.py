@@ -155,6 +155,37 @@ def write_nasty(folder: Path) -> int:
     return readable.count(b"\n")
 
 
+def engine_answers(engine, jobs: list, join_after: int | None = None) -> list[tuple]:
+    """(text, finish_reason, completion_tokens) of each of `jobs` through a serve `Engine`. All
+    are submitted at once, or the first alone and the rest once it has produced `join_after`
+    tokens (they join mid-decode)."""
+    import threading
+
+    results: list[list] = [["", None, 0] for _ in jobs]
+    done = [threading.Event() for _ in jobs]
+    started = threading.Event()
+
+    def deliver(i):
+        def on(event):
+            results[i][0] += event.text
+            results[i][2] = event.completion_tokens
+            if join_after is not None and i == 0 and event.completion_tokens >= join_after:
+                started.set()
+            if event.finish_reason:
+                results[i][1] = event.finish_reason
+                done[i].set()
+
+        return on
+
+    engine.submit(jobs[0], deliver(0))
+    if join_after is not None:
+        assert started.wait(60)
+    for i, job in enumerate(jobs[1:], 1):
+        engine.submit(job, deliver(i))
+    assert all(d.wait(60) for d in done)
+    return [tuple(r) for r in results]
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible endpoint on loopback (moto in server mode); yields its URL."""

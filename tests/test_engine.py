@@ -2,44 +2,16 @@
 end, and one request's failure is its own."""
 
 import shutil
-import threading
 
 import pytest
 import torch
 from architectures import ARCHITECTURES, build, tokenizer
+from conftest import engine_answers as run
 
 from llm_dist.serve.engine import Engine, Job
 
 PROMPTS = ["def wrap(text, width=70):", "import os\n", "class Template:", "x = [",
            "for line in lines:", "# Copyright"]  # fmt: skip
-
-
-def run(engine: Engine, jobs: list[Job], join_after: int | None = None) -> list[tuple]:
-    """(text, finish_reason, completion_tokens) of each job. All are submitted at once, or the
-    first alone and the rest once it has produced `join_after` events (mid-decode)."""
-    results: list[list] = [["", None, 0] for _ in jobs]
-    done = [threading.Event() for _ in jobs]
-    started = threading.Event()
-
-    def deliver(i):
-        def on(event):
-            results[i][0] += event.text
-            results[i][2] = event.completion_tokens
-            if join_after is not None and i == 0 and event.completion_tokens >= join_after:
-                started.set()
-            if event.finish_reason:
-                results[i][1] = event.finish_reason
-                done[i].set()
-
-        return on
-
-    engine.submit(jobs[0], deliver(0))
-    if join_after is not None:
-        assert started.wait(60)
-    for i, job in enumerate(jobs[1:], 1):
-        engine.submit(job, deliver(i))
-    assert all(d.wait(60) for d in done)
-    return [tuple(r) for r in results]
 
 
 def greedy(model, tok, ids: list[int], new: int) -> tuple[str, int]:

@@ -7,10 +7,11 @@ makes (LoRA merged), and the serve engine's greedy answers against `generate()`.
 import pytest
 import torch
 from architectures import ARCHITECTURES, build, save, tokenizer
+from conftest import engine_answers
 
 from llm_dist.base import UserError
 from llm_dist.finetune.methods import FineTuning, apply_method, blocks, check_base, linear_names
-from llm_dist.serve.engine import Job, decode
+from llm_dist.serve.engine import Engine, Job
 from llm_dist.train.loop import loss_sum_of
 
 PROMPTS = ["def wrap(text, width=70):", "class TextWrapper:\n    "]
@@ -63,10 +64,8 @@ def test_every_architecture_fine_tunes_exports_reloads_and_serves(arch, method, 
         assert torch.allclose(reloaded(tokens).logits, merged(tokens).logits, atol=1e-5)
 
     jobs = [Job(tok.encode(p), max_tokens=12, temperature=0.0) for p in PROMPTS]
-    served = [
-        "".join(e.text for e in events if e)
-        for events in zip(*decode(reloaded, tok, jobs), strict=True)
-    ]
+    engine = Engine(reloaded, tok, max_batch_size=8, max_batch_total_tokens=4096)
+    served = [text for text, _, _ in engine_answers(engine, jobs)]
     for prompt, text in zip(PROMPTS, served, strict=True):
         ids = torch.tensor([tok.encode(prompt)])
         out = reloaded.generate(
