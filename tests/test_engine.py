@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from architectures import ARCHITECTURES, build, tokenizer
-from conftest import engine_answers as run
+from conftest import engine_answers
 
 from llm_dist.serve.engine import Engine, Job
 
@@ -42,7 +42,7 @@ def test_requests_that_join_mid_decode_answer_as_generate_does(arch):
     engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
     # the first streams (an Event per step), the others get their answer once, at the end
     jobs = [Job(tok.encode(p), 16, temperature=0, stream=i == 0) for i, p in enumerate(PROMPTS[:3])]
-    got = run(engine, jobs, join_after=5)
+    got = engine_answers(engine, jobs, join_after=5)
     for job, (text, finish, n) in zip(jobs, got, strict=True):
         assert (text, n) == greedy(model, tok, job.ids, 16)
         assert finish == ("length" if n == 16 else "stop")
@@ -55,8 +55,8 @@ def test_sampled_answers_do_not_depend_on_who_else_is_decoding(loaded):
     jobs = [
         Job(tok.encode(p), 12, temperature=0.8, top_p=0.9, seed=i) for i, p in enumerate(PROMPTS)
     ]
-    together = run(engine, jobs, join_after=3)
-    alone = [run(engine, [job])[0] for job in jobs]
+    together = engine_answers(engine, jobs, join_after=3)
+    alone = [engine_answers(engine, [job])[0] for job in jobs]
     assert together == alone and max(engine.steps) == len(PROMPTS)
 
 
@@ -66,7 +66,7 @@ def test_the_kv_budget_makes_requests_wait_not_fail(loaded):
     jobs = [Job(tok.encode(p), 12, temperature=0) for p in PROMPTS[:2]]
     budget = max(len(j.ids) + 12 for j in jobs)
     engine = Engine(model, tok, max_batch_size=8, max_batch_total_tokens=budget)
-    got = run(engine, jobs)
+    got = engine_answers(engine, jobs)
     assert [(t, n) for t, _, n in got] == [greedy(model, tok, j.ids, 12) for j in jobs]
     assert set(engine.steps) == {1}  # never both at once
 
@@ -88,7 +88,7 @@ def test_an_end_id_listed_only_in_the_generation_config_ends_the_answer(tiny_bas
     reference = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
     assert reference.shape[1] == len(ids) + 1  # generate() stops at once
     engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
-    assert run(engine, [Job(ids, 16, temperature=0)]) == [("", "stop", 0)]
+    assert engine_answers(engine, [Job(ids, 16, temperature=0)]) == [("", "stop", 0)]
 
 
 def test_one_request_that_fails_ends_alone(loaded):
@@ -98,8 +98,8 @@ def test_one_request_that_fails_ends_alone(loaded):
     jobs[1] = Job(jobs[1].ids, 12, temperature=0)
     bad = Job(tok.encode("for line in lines:"), 12, temperature=float("nan"))
     engine = Engine(model, tok, max_batch_size=8, max_batch_total_tokens=4096)
-    together = run(engine, [*jobs[:2], bad, *jobs[2:]])
-    alone = [run(engine, [job])[0] for job in jobs]
+    together = engine_answers(engine, [*jobs[:2], bad, *jobs[2:]])
+    alone = [engine_answers(engine, [job])[0] for job in jobs]
     assert [together[i] for i in (0, 1, 3, 4)] == alone
     assert together[2] == ("", "error", 0)
     assert sum(n for _, _, n in alone) >= 12  # the others really decoded
@@ -109,7 +109,7 @@ def test_a_tiny_temperature_is_greedy(loaded):
     model, tok = loaded
     ids = tok.encode("def main():\n    parser = ")
     engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
-    tiny = run(engine, [Job(ids, 12, temperature=1e-30, seed=3)])[0]
+    tiny = engine_answers(engine, [Job(ids, 12, temperature=1e-30, seed=3)])[0]
     assert (tiny[0], tiny[2]) == greedy(model, tok, ids, 12)
 
 
@@ -133,3 +133,30 @@ def test_sampling_follows_the_distribution_temperature_and_top_p():
     alone = [_sample(logits[None], [j], [torch.Generator().manual_seed(7)])[0] for j in jobs]
     generators = [torch.Generator().manual_seed(7) for _ in jobs]
     assert _sample(logits.expand(3, 4), jobs, generators) == alone
+
+
+def test_a_cancelled_request_leaves_the_batch(loaded):
+    """A client that goes away (the app marks its request cancelled): its row is dropped at the
+    next step, it gets nothing more, and the others go on to their own answers."""
+    import threading
+
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
+    seen, submitted, done = [], threading.Event(), threading.Event()
+    leaving: list = []
+
+    def gone(event):  # runs in the engine's thread, as the app's delivery does
+        seen.append(event)
+        if event.completion_tokens == 3:
+            submitted.wait(10)
+            leaving[0].cancelled = True
+
+    leaving.append(engine.submit(Job(tok.encode(PROMPTS[0]), 60, temperature=0), gone))
+    submitted.set()
+    staying = Job(tok.encode(PROMPTS[1]), 40, temperature=0)
+    got = []
+    engine.submit(staying, lambda e: (got.append(e), e.finish_reason and done.set()))
+    assert done.wait(30)
+    assert [e.completion_tokens for e in seen] == [1, 2, 3]  # nothing after the cancel
+    alone = engine_answers(Engine(model, tok, 4, 4096), [staying])[0]
+    assert "".join(e.text for e in got) == alone[0]
