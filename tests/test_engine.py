@@ -160,3 +160,27 @@ def test_a_cancelled_request_leaves_the_batch(loaded):
     assert [e.completion_tokens for e in seen] == [1, 2, 3]  # nothing after the cancel
     alone = engine_answers(Engine(model, tok, 4, 4096), [staying])[0]
     assert "".join(e.text for e in got) == alone[0]
+
+
+def test_a_failing_forward_pass_ends_its_requests_and_the_loop_goes_on(tiny_base):
+    """A forward pass that raises (as an out-of-memory error would) ends the requests in it
+    with finish_reason "error"; the next request decodes normally."""
+    from transformers import AutoModelForCausalLM
+
+    from llm_dist.data.tokenizer import load
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_base).eval(), load(tiny_base)
+    poison = tok.encode("import os\n")
+
+    def hook(module, args, kwargs):
+        if poison[0] in kwargs["input_ids"].tolist()[0]:
+            raise RuntimeError("out of memory (injected)")
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
+    bad = engine_answers(engine, [Job(poison, 8, temperature=0)])
+    assert bad == [("", "error", 0)]
+    ids = tok.encode(PROMPTS[0])
+    assert ids and poison[0] not in ids
+    good = engine_answers(engine, [Job(ids, 8, temperature=0)])[0]
+    assert (good[0], good[2]) == greedy(model, tok, ids, 8)

@@ -74,8 +74,10 @@ class Batch:
 
 
 def _select(batch: Batch, rows: list[int]) -> Batch | None:
-    """`batch` with only `rows`, cut of the padding none of them needs."""
+    """`batch` with only `rows`, cut of the padding none of them needs (full attention only:
+    a sliding window counts its tokens)."""
     import torch
+    from transformers.cache_utils import DynamicLayer
 
     if not rows:
         return None
@@ -84,7 +86,8 @@ def _select(batch: Batch, rows: list[int]) -> Batch | None:
         batch.cache.batch_select_indices(index)
         batch.mask, batch.position = batch.mask[index], batch.position[index]
     unused = int(batch.mask.any(0).int().argmax())  # leading columns no row attends to
-    if unused and all(not getattr(layer, "is_sliding", False) for layer in batch.cache.layers):
+    if unused and all(type(layer) is DynamicLayer and layer.is_initialized
+                      for layer in batch.cache.layers):  # fmt: skip
         for layer in batch.cache.layers:
             layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
         batch.mask = batch.mask[:, unused:]

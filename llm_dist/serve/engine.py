@@ -111,25 +111,25 @@ class Engine:
             joining = self._admit(running, waiting, batch)
             if not running and not joining:
                 continue  # the waiting ones were cancelled
+            everyone = running + joining
             try:
                 with torch.inference_mode():
                     logits = [batch.step(self.model)] if running else []
                     new = Batch.prefill(self.model, [r.job.ids for r in joining], self.pad)
-            except Exception as e:  # the forward pass failed: its requests end, the loop goes on
-                for r in running + joining:
+                logits = torch.cat(logits + ([new.logits] if new else []))
+                with self._lock:
+                    self._steps[len(everyone)] += 1
+                tokens = _sample(logits, [r.job for r in everyone], [r.generator for r in everyone])
+                keep = [k for k, r in enumerate(everyone) if self._advance(r, tokens[k])]
+                tokens = [everyone[k].out[-1] for k in keep]
+                batch = Batch.merged(batch if running else None, new, keep, len(running), tokens)
+                running = [everyone[k] for k in keep]
+            except Exception as e:  # a failed forward pass (or worse): its requests end, and the
+                # loop goes on with the next ones (a request already ended ignores this)
+                for r in everyone:
                     r.deliver(Event("", "error", len(r.job.ids), len(r.out),
                                     f"{type(e).__name__}: {e}"))  # fmt: skip
                 running, batch = [], None
-                continue
-            everyone = running + joining
-            logits = torch.cat(logits + ([new.logits] if new else []))
-            with self._lock:
-                self._steps[len(everyone)] += 1
-            tokens = _sample(logits, [r.job for r in everyone], [r.generator for r in everyone])
-            keep = [k for k, r in enumerate(everyone) if self._advance(r, tokens[k])]
-            tokens = [everyone[k].out[-1] for k in keep]
-            batch = Batch.merged(batch if running else None, new, keep, len(running), tokens)
-            running = [everyone[k] for k in keep]
 
     def _admit(self, running: list[Request], waiting, batch) -> list[Request]:
         """The waiting requests that join now, first come first served, within the limits."""
