@@ -102,6 +102,18 @@ def test_control_characters_and_odd_escapes_are_text(tmp_path):
     assert all(corpus.doc_hash(r[1]) for r in rows)
 
 
+def test_a_parquet_value_that_is_not_utf8_costs_its_row(tmp_path):
+    """Parquet writers do not check strings: one bad value, not its row group, is lost."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = pa.array([b"first good row", b"bad \xff byte", b"third good row"], pa.binary())
+    pq.write_table(pa.table({"text": texts.view(pa.string())}), tmp_path / "t.parquet")
+    rows = records(str(tmp_path / "t.parquet"), DataConfig(sources=["x"]))
+    assert [r[:3] for r in rows] == [(1, "first good row", None), (2, None, "invalid_utf8"),
+                                     (3, "third good row", None)]  # fmt: skip
+
+
 def test_parquet_missing_column(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

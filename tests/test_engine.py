@@ -30,15 +30,33 @@ def loaded(tiny_base):
     return AutoModelForCausalLM.from_pretrained(tiny_base).eval(), load(tiny_base)
 
 
-@pytest.mark.parametrize("arch", [*ARCHITECTURES, "mistral-window-8"])
-def test_requests_that_join_mid_decode_answer_as_generate_does(arch):
-    """Two requests join a third after its 5th token: each greedy answer equals generate()'s.
-    mistral-window-8 fills its sliding window while the others join."""
-    tok = tokenizer()
-    model = build(arch.split("-")[0], tok).eval()
-    if arch == "mistral-window-8":
+def windowed(arch: str, tok):
+    """A tiny model of `arch`; "-window-8": its sliding window cut to 8 (gemma2: every other
+    layer slides, the others attend to everything)."""
+    import transformers
+
+    name = arch.removesuffix("-window-8")
+    if name == "gemma2":
+        torch.manual_seed(0)
+        config = transformers.Gemma2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, intermediate_size=64, max_position_embeddings=128, vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, sliding_window=8)  # fmt: skip
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = build(name, tok).eval()
+    if arch.endswith("-window-8"):
         model.config.sliding_window = 8
         model = type(model)(model.config).eval()
+    return model
+
+
+@pytest.mark.parametrize("arch", [*ARCHITECTURES, "mistral-window-8", "gemma2-window-8"])
+def test_requests_that_join_mid_decode_answer_as_generate_does(arch):
+    """Two requests join a third after its 5th token: each greedy answer equals generate()'s.
+    The -window-8 models fill their sliding windows while the others join."""
+    tok = tokenizer()
+    model = windowed(arch, tok)
     engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
     # the first streams (an Event per step), the others get their answer once, at the end
     jobs = [Job(tok.encode(p), 16, temperature=0, stream=i == 0) for i, p in enumerate(PROMPTS[:3])]
@@ -184,3 +202,73 @@ def test_a_failing_forward_pass_ends_its_requests_and_the_loop_goes_on(tiny_base
     assert ids and poison[0] not in ids
     good = engine_answers(engine, [Job(ids, 8, temperature=0)])[0]
     assert (good[0], good[2]) == greedy(model, tok, ids, 8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral-window-8", "gemma2-window-8"])
+def test_the_cache_stays_within_its_rows_under_steady_load(arch):
+    """A request joins every 3rd step and each lives 8 steps, so the batch never empties: the
+    padding left by rows that have gone is cut, on full and sliding-window layers alike."""
+    from llm_dist.serve.batch import Batch
+
+    tok = tokenizer()
+    model = windowed(arch, tok)
+    batch, rows = None, []  # rows: [prompt length, steps left] in batch order
+    with torch.inference_mode():
+        for step in range(60):
+            prompt = tok.encode(PROMPTS[step % len(PROMPTS)])[: 3 + step % 5]
+            new = Batch.prefill(model, [prompt], tok.pad_token_id) if step % 3 == 0 else None
+            if batch is not None:
+                batch.step(model)
+            everyone = rows + ([[len(prompt), 8]] if new else [])
+            for row in everyone:
+                row[1] -= 1
+            keep = [k for k, row in enumerate(everyone) if row[1] > 0]
+            batch = Batch.merged(batch, new, keep, len(rows), [5] * len(keep))
+            rows = [everyone[k] for k in keep]
+            longest = max(n + 8 - left for n, left in rows)  # tokens a row holds, and its next
+            assert batch.mask.shape[1] <= longest, step
+            assert all(
+                layer.keys.shape[-2] <= batch.mask.shape[1] - 1 for layer in batch.cache.layers
+            )
+
+
+def test_a_greedy_row_with_non_finite_scores_ends_alone():
+    from llm_dist.serve.engine import _sample
+
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 2.0, 1.0]])
+    jobs = [Job([1], 1, temperature=0), Job([1], 1, temperature=0)]
+    assert _sample(logits, jobs, [None, None]) == [None, 1]
+
+
+def test_a_failing_prefill_ends_only_the_newcomers(tiny_base):
+    """A newcomer whose prefill fails (as an out-of-memory error would) ends alone; the
+    request already decoding finishes with its own answer."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from llm_dist.data.tokenizer import load
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_base).eval(), load(tiny_base)
+    poison = tok.encode("import os\n")
+
+    def hook(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1 and poison[0] in kwargs["input_ids"].flatten().tolist():
+            raise RuntimeError("out of memory (injected)")
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    engine = Engine(model, tok, max_batch_size=4, max_batch_total_tokens=4096)
+    ids, got, bad = tok.encode(PROMPTS[0]), [], []
+    second, done = threading.Event(), threading.Event()
+
+    def running(event):
+        got.append(event)
+        if event.completion_tokens == 2:
+            engine.submit(Job(poison, 8, temperature=0), lambda e: (bad.append(e), second.set()))
+        if event.finish_reason:
+            done.set()
+
+    engine.submit(Job(ids, 12, temperature=0), running)
+    assert done.wait(30) and second.is_set()
+    assert [(e.finish_reason, e.error[:12]) for e in bad] == [("error", "RuntimeError")]
+    assert ("".join(e.text for e in got), got[-1].completion_tokens) == greedy(model, tok, ids, 12)

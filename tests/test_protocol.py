@@ -113,3 +113,22 @@ def test_text_utf8_cannot_hold_is_refused_before_tokenizing():
         body = b'{"model": "m", "prompt": "half an emoji ' + escape + b'"}'
         with pytest.raises(ValueError, match=r"body: Invalid JSON: .*(hex escape|surrogate)"):
             protocol.parse(protocol.CompletionRequest, body)
+
+
+def test_null_is_the_default_and_a_boolean_is_not_a_number():
+    request = chat(temperature=None, top_p=None, stream=None, seed=None, stop=None, n=None)
+    assert (request.temperature, request.top_p, request.stream) == (1.0, 1.0, False)
+    assert "seed: Input should be a valid integer" in refusal(seed=True)
+    assert "max_tokens: Input should be a valid integer" in refusal(max_tokens=True)
+    assert chat(tools=[], tool_choice="auto").model == "m"  # auto, with no tools, asks nothing
+
+
+def test_api_keys_match_by_hash_with_any_case_of_bearer():
+    import hashlib
+
+    hashes = [hashlib.sha256(b"sk-one").hexdigest()]
+    assert protocol.authorized("Bearer sk-one", hashes)
+    assert protocol.authorized("bearer  sk-one ", hashes)
+    assert not protocol.authorized("Bearer sk-two", hashes)
+    assert not protocol.authorized("Basic sk-one", hashes) and not protocol.authorized("", hashes)
+    assert protocol.authorized("", [])  # no keys: open

@@ -206,12 +206,15 @@ def _picked(record: dict, fields: list[str]) -> str:
 
 
 def _parquet_records(f, cfg, fields) -> Iterator[tuple]:
-    """Rows numbered from 1; a row group that fails to decode costs its unread rows."""
+    """Rows numbered from 1; a row group that fails to decode costs its unread rows, a value
+    that is not UTF-8 (Parquet strings are not checked on write) its row."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    unreadable = (*UNREADABLE, pa.ArrowException)
     try:
         parquet = pq.ParquetFile(f)
-    except UNREADABLE as e:
+    except unreadable as e:
         yield 1, None, "unreadable", f"{type(e).__name__}: {e}"[:200]
         return
     names = parquet.schema_arrow.names
@@ -227,12 +230,20 @@ def _parquet_records(f, cfg, fields) -> Iterator[tuple]:
     for group in range(parquet.num_row_groups):
         end = row + parquet.metadata.row_group(group).num_rows
         try:
-            batches = parquet.iter_batches(ROWS_PER_BLOCK, [group], columns)
-            for batch in batches:
-                for record in batch.to_pylist():
+            for batch in parquet.iter_batches(ROWS_PER_BLOCK, [group], columns):
+                try:
+                    records = batch.to_pylist()
+                except UnicodeDecodeError:  # then row by row, to find the ones that are not
+                    records = None
+                for i in range(batch.num_rows):
                     row += 1
+                    try:
+                        record = batch.slice(i, 1).to_pylist()[0] if records is None else records[i]
+                    except UnicodeDecodeError as e:
+                        yield row, None, "invalid_utf8", f"{e}"[:80]
+                        continue
                     yield row, *_field(record, cfg, repr(record)[:80], fields)
-        except UNREADABLE as e:
+        except unreadable as e:
             yield row + 1, None, "unreadable", f"{type(e).__name__}: {e}"[:200]
             row = end
 

@@ -147,7 +147,8 @@ class LLMServer:
             if event.error:  # the status line has gone: the stream ends with OpenAI's error body
                 yield sse({"error": {"message": f"decoding this request failed: {event.error}",
                                      "type": "server_error", "param": None, "code": None}})  # fmt: skip
-                break
+                yield "data: [DONE]\n\n"
+                return
             if event.text or event.finish_reason:
                 yield sse(protocol.body(chat, self.name, rid, created, event.text,
                                         event.finish_reason, None, chunk=True))  # fmt: skip

@@ -74,10 +74,8 @@ class Batch:
 
 
 def _select(batch: Batch, rows: list[int]) -> Batch | None:
-    """`batch` with only `rows`, cut of the padding none of them needs (full attention only:
-    a sliding window counts its tokens)."""
+    """`batch` with only `rows`, cut of the padding none of them needs any more."""
     import torch
-    from transformers.cache_utils import DynamicLayer
 
     if not rows:
         return None
@@ -86,10 +84,13 @@ def _select(batch: Batch, rows: list[int]) -> Batch | None:
         batch.cache.batch_select_indices(index)
         batch.mask, batch.position = batch.mask[index], batch.position[index]
     unused = int(batch.mask.any(0).int().argmax())  # leading columns no row attends to
-    if unused and all(type(layer) is DynamicLayer and layer.is_initialized
-                      for layer in batch.cache.layers):  # fmt: skip
+    if unused and batch.mergeable:  # the layer kinds whose columns we know
+        length = batch.mask.shape[1] - unused
         for layer in batch.cache.layers:
-            layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+            if hasattr(layer, "cumulative_length"):  # a sliding window counts what it has seen
+                layer.cumulative_length = length
+            keep = min(layer.keys.shape[-2], length)  # a window may hold fewer columns already
+            layer.keys, layer.values = layer.keys[..., -keep:, :], layer.values[..., -keep:, :]
         batch.mask = batch.mask[:, unused:]
     return batch
 

@@ -9,10 +9,12 @@ stop strings, max_tokens): the batch shares forward passes and a KV cache, nothi
 Memory is bounded by `max_batch_total_tokens`: a request joins only while the padded cache
 the batch could reach (its rows times the longest prompt + max_tokens among them) stays within
 it; otherwise it waits, and Ray Serve's queue limits refuse what waits beyond them. A request
-whose own step fails (its sampling) ends alone with finish_reason "error"; a failing forward
-pass ends the requests in it, and the loop goes on with the next ones.
+whose own step fails (its scores are not finite) ends alone with finish_reason "error"; a
+failing forward pass (the batch's step, or the newcomers' prefill) ends the requests in it,
+and the loop goes on with the others.
 """
 
+import contextlib
 import queue
 import threading
 from collections import Counter
@@ -111,11 +113,20 @@ class Engine:
             joining = self._admit(running, waiting, batch)
             if not running and not joining:
                 continue  # the waiting ones were cancelled
-            everyone = running + joining
-            try:
-                with torch.inference_mode():
+            logits = []
+            with torch.inference_mode():
+                try:  # a failed pass ends the requests in it; the others go on
                     logits = [batch.step(self.model)] if running else []
+                except Exception as e:
+                    running, batch = _failed(running, e), None
+                try:
                     new = Batch.prefill(self.model, [r.job.ids for r in joining], self.pad)
+                except Exception as e:
+                    joining, new = _failed(joining, e), None
+            everyone = running + joining
+            if not everyone:
+                continue
+            try:
                 logits = torch.cat(logits + ([new.logits] if new else []))
                 with self._lock:
                     self._steps[len(everyone)] += 1
@@ -124,12 +135,8 @@ class Engine:
                 tokens = [everyone[k].out[-1] for k in keep]
                 batch = Batch.merged(batch if running else None, new, keep, len(running), tokens)
                 running = [everyone[k] for k in keep]
-            except Exception as e:  # a failed forward pass (or worse): its requests end, and the
-                # loop goes on with the next ones (a request already ended ignores this)
-                for r in everyone:
-                    r.deliver(Event("", "error", len(r.job.ids), len(r.out),
-                                    f"{type(e).__name__}: {e}"))  # fmt: skip
-                running, batch = [], None
+            except Exception as e:  # not expected: end what is in flight, keep the loop alive
+                running, batch = _failed(everyone, e), None
 
     def _admit(self, running: list[Request], waiting, batch) -> list[Request]:
         """The waiting requests that join now, first come first served, within the limits."""
@@ -156,8 +163,7 @@ class Engine:
         if r.cancelled:
             return False
         if token is None:  # its scores were not a distribution (non-finite): it alone ends
-            r.deliver(Event("", "error", len(job.ids), len(r.out),
-                            "the model's scores for this request are not finite"))  # fmt: skip
+            _failed([r], ValueError("the model's scores for this request are not finite"))
             return False
         finish = "stop" if token in self.ends else None
         if finish is None:
@@ -174,9 +180,22 @@ class Engine:
             end -= max((len(s) - 1 for s in job.stop), default=0)
             end -= len(text) - len(text.rstrip("\ufffd"))  # a partial UTF-8 character
         if job.stream or finish is not None:  # a whole answer is handed over once, at its end
-            r.deliver(Event(text[r.sent : max(end, r.sent)], finish, len(job.ids), len(r.out)))
+            try:
+                r.deliver(Event(text[r.sent : max(end, r.sent)], finish, len(job.ids), len(r.out)))
+            except Exception:  # its receiver is gone: as if cancelled
+                return False
             r.sent = max(end, r.sent)
         return finish is None
+
+
+def _failed(requests: list[Request], error: Exception) -> list[Request]:
+    """End each of `requests` with finish_reason "error"; returns [] (none of them runs on).
+    A delivery that fails (its event loop is gone) must not end the decode thread."""
+    for r in requests:
+        with contextlib.suppress(Exception):
+            r.deliver(Event("", "error", len(r.job.ids), len(r.out),
+                            f"{type(error).__name__}: {error}"))  # fmt: skip
+    return []
 
 
 def _sample(logits, jobs: list[Job], generators: list) -> list[int | None]:
@@ -190,6 +209,8 @@ def _sample(logits, jobs: list[Job], generators: list) -> list[int | None]:
     import torch
 
     tokens: list[int | None] = logits.argmax(-1).tolist()
+    for i in logits.isnan().any(-1).nonzero().flatten().tolist():
+        tokens[i] = None
     rows = [i for i, j in enumerate(jobs) if not j.temperature < 1e-5]  # NaN samples, and fails
     if not rows:
         return tokens

@@ -11,6 +11,7 @@ import hmac
 import json
 from typing import Literal
 
+import pydantic
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Unimplemented OpenAI fields and the values at which they change nothing (null: the default).
@@ -18,7 +19,7 @@ NEUTRAL = {
     "frequency_penalty": (0, None), "presence_penalty": (0, None), "n": (1, None),
     "logprobs": (False, None), "top_logprobs": (0, None), "logit_bias": ({}, None),
     "echo": (False, None), "best_of": (1, None), "suffix": ("", None),
-    "response_format": ({"type": "text"}, None), "tools": ([], None), "tool_choice": ("none", None),
+    "response_format": ({"type": "text"}, None), "tools": ([], None), "tool_choice": ("none", "auto", None),
     "parallel_tool_calls": (True, False, None), "modalities": (["text"], None),
     "store": (False, None), "metadata": ({}, None), "service_tier": ("auto", "default", None),
 }  # fmt: skip
@@ -34,11 +35,13 @@ class StreamOptions(_Strict):
 
 class _Request(_Strict):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: pydantic.StrictInt | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch's generators take
+    seed: pydantic.StrictInt | None = Field(
+        None, ge=-(2**63), lt=2**64
+    )  # what torch's generators take
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -46,11 +49,12 @@ class _Request(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _neutral(cls, data):
-        """Drop unimplemented fields sent at their neutral value; others stay, to be refused."""
+        """Drop fields sent as null (their default) and unimplemented ones at their neutral
+        value; other unimplemented ones stay, to be refused."""
         if not isinstance(data, dict):
             return data
-        return {k: v for k, v in data.items()
-                if k not in NEUTRAL or not any(_same(v, n) for n in NEUTRAL[k])}  # fmt: skip
+        return {k: v for k, v in data.items() if v is not None  # OpenAI: null is the default
+                and (k not in NEUTRAL or not any(_same(v, n) for n in NEUTRAL[k]))}  # fmt: skip
 
     @field_validator("stop")
     @classmethod
@@ -91,7 +95,9 @@ class Message(_Strict):
 
 class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    max_completion_tokens: pydantic.StrictInt | None = Field(
+        None, ge=1
+    )  # the newer name of max_tokens
 
 
 def parse(kind: type[_Request], body: bytes) -> _Request:
@@ -124,7 +130,10 @@ def authorized(authorization: str, key_hashes: list[str]) -> bool:
     keys never reach the replicas); every request is authorized when there are none."""
     if not key_hashes:
         return True
-    digest = hashlib.sha256(authorization.removeprefix("Bearer ").strip().encode()).hexdigest()
+    scheme, _, key = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 7235)
+        return False
+    digest = hashlib.sha256(key.strip().encode()).hexdigest()
     return any(hmac.compare_digest(digest, h) for h in key_hashes)
 
 

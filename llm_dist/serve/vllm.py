@@ -26,7 +26,6 @@ def app(spec, folder: str, key_hashes: list[str]):
         accelerator_type=spec.cluster.accelerator_type,
         engine_kwargs={"max_model_len": s.max_prompt_tokens + s.max_tokens,
                        "max_num_seqs": s.max_batch_size,
-                       "max_num_batched_tokens": s.max_batch_total_tokens,
                        "tensor_parallel_size": max(1, int(s.gpus_per_replica or 1))},
         deployment_config={"max_ongoing_requests": s.max_ongoing_requests,
                            "max_queued_requests": s.max_queued_requests, **s.scaling()},
@@ -67,6 +66,12 @@ def _keyed(route):
             return JSONResponse({"error": body}, status_code=401)
         return await route(self, *args, **kwargs, **({"request": request} if wanted else {}))
 
-    keyed.__name__, keyed.__doc__ = route.__name__, route.__doc__
+    # Ray's class-based view binds a route to the replica only if its qualified name is a method
+    # of a class in the ingress's MRO
+    keyed.__name__, keyed.__qualname__, keyed.__doc__ = (
+        route.__name__,
+        route.__qualname__,
+        route.__doc__,
+    )
     keyed.__signature__ = signature.replace(parameters=parameters)
     return keyed
