@@ -109,7 +109,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(
 
     spec = spec_for(tmp_path, serve_port, model=tiny_base, max_tokens=48, autoscaling={
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-        "upscale_delay_s": 1, "downscale_delay_s": 2})  # fmt: skip
+        "upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2})  # fmt: skip
     url = deploy(spec, str(tmp_path / "stage"))["url"]
 
     def running() -> int:

@@ -21,6 +21,8 @@ class AutoscalingConfig(Section):
     """How long load stays above target before a replica is added."""
     downscale_delay_s: float = Field(600.0, ge=0.0)
     """How long load stays below target before a replica is removed."""
+    look_back_period_s: float = Field(30.0, gt=0.0)
+    """The window over which Ray Serve averages each replica's ongoing requests."""
 
     @model_validator(mode="after")
     def _check(self):
