@@ -1,6 +1,5 @@
 """The `serve:` section: what Ray Serve hosts, where it listens, how it batches, scales and guards itself."""
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -111,15 +110,12 @@ class ServeConfig(Section):
 
 def positions_of(folder: str) -> int | None:
     """The positions a local HF model folder's config declares (None when it cannot be read)."""
-    from transformers import AutoConfig
+    from llm_dist.model import ModelConfig
 
-    if "://" in folder or not (Path(folder) / "config.json").is_file():
+    if "://" in folder:
         return None
-    try:  # AutoConfig gives transformers' standard name (GPT-2's n_positions included)
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError):
-        return None
-    return getattr(config, "max_position_embeddings", None)
+    config = ModelConfig(preset=None, path=folder).hf_config() or {}  # standard key names
+    return config.get("max_position_embeddings")
 
 
 def vllm_context_problem(s: ServeConfig, positions: int | None, model: str) -> str | None:

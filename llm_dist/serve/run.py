@@ -54,9 +54,10 @@ def deploy(spec, run: str) -> dict:
     s = spec.serve
     folder, source = _model(spec, run)
     tokenizer = check_folder(folder, source)
-    keys = _keys(s)
+    keys = _keys(s)  # the test prompt carries one; replicas get only their hashes
+    hashes = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
     if s.engine == "vllm":
-        app = _vllm_app(spec, folder, keys)  # before Ray starts: fails fast without vLLM
+        app = _vllm_app(spec, folder, hashes)  # before Ray starts: fails fast without vLLM
     if spec.cluster.address is None and not ray.is_initialized():
         _check_port(s.host, s.port)  # a fresh embedded Ray: nothing of ours holds it yet
     connect(spec)
@@ -66,7 +67,7 @@ def deploy(spec, run: str) -> dict:
     replicas = s.autoscaling.min_replicas if s.autoscaling else s.num_replicas
     ensure_room(spec, "serve replicas", {"CPU": s.cpus_per_replica, "GPU": gpus}, replicas)
     if s.engine == "transformers":
-        app = _transformers_app(spec, folder, keys, gpus)
+        app = _transformers_app(spec, folder, hashes, gpus)
     started = time.monotonic()
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(app, name=spec.name, route_prefix="/")
@@ -152,11 +153,10 @@ def _check_port(host: str, port: int) -> None:
                             "pick another port with --set serve.port=N") from None  # fmt: skip
 
 
-def _transformers_app(spec, folder: str, keys: list[str], gpus: float):
+def _transformers_app(spec, folder: str, hashes: list[str], gpus: float):
     from llm_dist.serve.app import LLMServer
 
     s = spec.serve
-    hashes = [hashlib.sha256(k.encode()).hexdigest() for k in keys]
     limits = s.model_dump(include={"max_tokens", "max_prompt_tokens", "max_batch_size",
                                    "max_batch_total_tokens"})  # fmt: skip
     return LLMServer.options(
@@ -166,7 +166,7 @@ def _transformers_app(spec, folder: str, keys: list[str], gpus: float):
     ).bind(folder, spec.name, hashes, limits)  # fmt: skip
 
 
-def _vllm_app(spec, folder: str, keys: list[str]):
+def _vllm_app(spec, folder: str, hashes: list[str]):
     """Ray Serve LLM's OpenAI app on vLLM (`llm_dist.serve.vllm`), checked before Ray starts."""
     from llm_dist.serve.config import positions_of, vllm_context_problem
 
@@ -180,4 +180,4 @@ def _vllm_app(spec, folder: str, keys: list[str]):
             f"serve.engine: vllm needs Ray Serve LLM and vLLM ({e}); install them with "
             "`pip install 'llm-dist[vllm]'` on every GPU node, or use engine: transformers"
         ) from None
-    return vllm.app(spec, folder, [hashlib.sha256(k.encode()).hexdigest() for k in keys])
+    return vllm.app(spec, folder, hashes)
