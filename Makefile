@@ -8,17 +8,20 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+# pip's errors only: its warnings about a machine's own pip configuration are not the run's
+PIP_QUIET ?= --quiet --quiet
 
 .PHONY: setup quickstart test test-fast lint clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	if ! command -v nvidia-smi >/dev/null 2>&1; then \
-		$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH)"; fi
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
-	touch $@
+	@echo "setting up $(VENV): torch, then llm-dist and its dependencies (a few minutes the first time)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/pip install $(PIP_QUIET) --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH)"; fi
+	@$(BIN)/pip install $(PIP_QUIET) --disable-pip-version-check -e ".[dev]"
+	@touch $@
 
 quickstart: setup
 	$(BIN)/llm-dist data stdlib data/

@@ -1,6 +1,7 @@
 """The `llm-dist` command: argument parsing only; each verb calls one function."""
 
 import argparse
+import os
 import signal
 import sys
 
@@ -24,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a spec field, e.g. pretrain.zero_stage=3")  # fmt: skip
+        if name not in ("validate", "submit"):
+            p.add_argument("--verbose", action="store_true",
+                           help="show everything Ray, Tune, torch and the workers print (by default "
+                                "it goes to <run>/logs/llm-dist.log) and every metrics row")  # fmt: skip
         return p
 
     spec_verb("validate", "check a job spec and report every problem in it").add_argument(
@@ -53,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     spec_verb("submit", "submit the spec to a Ray cluster through the Ray Jobs API").add_argument(
         "--address", required=True, help="the cluster's dashboard address, e.g. http://HEAD:8265"
     )
+    report = verbs.add_parser("report", help="write a run's report.html (plots, lineage, results)",
+                              description="write <RUN>/report.html: self-contained, viewable offline")  # fmt: skip
+    report.add_argument("run", metavar="RUN", help="the run folder, e.g. runs/quickstart")
     for name, help in (("status", "show a submitted job's status"),
                        ("logs", "print a submitted job's logs"),
                        ("stop", "stop a submitted job")):  # fmt: skip
@@ -82,11 +90,17 @@ def main(argv: list[str] | None = None) -> int:
         print("llm-dist: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
-        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-            sys.modules["ray"].shutdown()  # an embedded Ray's processes end with this one
+        _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()  # an embedded Ray's processes end with this one
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from llm_dist.base import UserError
+
     if args.verb in ("status", "logs", "stop"):
         from llm_dist import jobs
 
@@ -102,6 +116,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{args.job_id}: stop requested")
         else:
             print(f"{args.job_id}: already ended")
+        return 0
+    if args.verb == "report":
+        from llm_dist.report import write_report
+
+        run = args.run if "://" in args.run else os.path.abspath(args.run)
+        if "://" not in run and not os.path.isfile(f"{run}/manifest.json"):
+            raise UserError(f"RUN: {args.run} is not a run folder (it has no manifest.json)")
+        print(f"report: {write_report(run)}")
         return 0
     if args.verb == "data" and args.data_verb == "stdlib":
         from llm_dist.data.stdlib import collect
@@ -124,11 +146,24 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"{args.address} --follow`")  # fmt: skip
         return 0
     from llm_dist import pipeline
+    from llm_dist.console import capture, console
+    from llm_dist.manifest import run_uri
 
     stages = {"run": None, "data": ["data"]}.get(args.verb, [args.verb])
-    folder = pipeline.run(spec, stages, resume=getattr(args, "resume", False),
-                          keep_serving=args.verb == "serve")  # fmt: skip
-    print(f"run folder: {folder}")
+    with capture(run_uri(spec), args.verbose) as log:
+        if log:
+            console.print(f"{spec.name}: Ray's, Tune's and the workers' output goes to {log} "
+                          "(--verbose shows it here)")  # fmt: skip
+        try:
+            folder = pipeline.run(spec, stages, resume=getattr(args, "resume", False),
+                                  keep_serving=args.verb == "serve")  # fmt: skip
+            if args.verb == "run":
+                from llm_dist.report import write_report
+
+                console.print(f"report: {write_report(folder)}")
+        finally:
+            _shutdown_ray()  # inside the capture: Ray's goodbyes go to the log too
+    console.print(f"run folder: {folder}")
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from llm_dist.base import Section, UserError
+from llm_dist.console import console
 
 
 class ClusterConfig(Section):
@@ -139,7 +140,9 @@ def ensure_room(spec, what: str, bundle: dict, count: int, strategy: str = "PACK
     import ray.autoscaler.sdk
 
     timeout = spec.cluster.scale_up_timeout_s
-    print(f"{ask}: the nodes hold {fits}{beside}; waiting up to {timeout:g} s for the autoscaler")
+    console.print(
+        f"{ask}: the nodes hold {fits}{beside}; waiting up to {timeout:g} s for the autoscaler"
+    )
     ray.autoscaler.sdk.request_resources(
         bundles=[need] * count + ([{"CPU": spare}] if spare else [])
     )
@@ -156,7 +159,7 @@ def ensure_room(spec, what: str, bundle: dict, count: int, strategy: str = "PACK
             time.sleep(2)
     finally:
         ray.autoscaler.sdk.request_resources()  # a request stays until replaced: clear it
-    print(f"{what}: the autoscaler added the nodes in {time.monotonic() - start:.0f} s")
+    console.print(f"{what}: the autoscaler added the nodes in {time.monotonic() - start:.0f} s")
 
 
 def room(need: dict, strategy: str, nodes: list[dict], spare: float = 0.0) -> int:

@@ -1,12 +1,15 @@
 """Runs the stages a spec names, in order, recording each one in the run manifest."""
 
 from llm_dist.manifest import read_json, start_run, update_stage
+from llm_dist.tracking import start as start_tracking
 
 
-def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bool = False) -> dict:
+def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bool = False,
+              tracker=None) -> dict:  # fmt: skip
     """Run one stage of `spec` in the run folder `run`; returns its outputs for the manifest.
 
-    `resume` continues an interrupted tune sweep; `keep_serving` keeps the served model up.
+    `resume` continues an interrupted tune sweep; `keep_serving` keeps the served model up;
+    `tracker` (a `tracking.Tracker`) gets pretraining's rows and the trials' runs as they come.
     """
     if stage == "data":
         from llm_dist.data.prepare import run_stage as data_stage
@@ -15,11 +18,11 @@ def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bo
     if stage == "pretrain":
         from llm_dist.train.run import run_stage as pretrain_stage
 
-        return pretrain_stage(spec, run)
+        return pretrain_stage(spec, run, tracker)
     if stage == "tune":
         from llm_dist.tune.run import run_stage as tune_stage
 
-        return tune_stage(spec, run, resume)
+        return tune_stage(spec, run, resume, tracker)
     if stage == "serve":
         from llm_dist.serve.run import run_stage as serve_stage
 
@@ -49,13 +52,24 @@ def run(spec, stages: list[str] | None = None, resume: bool = False,
                 from llm_dist.tune.run import ensure_trials_fit
 
                 ensure_trials_fit(spec)
+    tracker = start_tracking(spec, folder)
     for stage in stages:
         update_stage(folder, stage, "running")
+        if tracker:
+            tracker.start_stage(stage)
         try:
-            outputs = run_stage(spec, stage, folder, resume, keep_serving)
+            outputs = run_stage(spec, stage, folder, resume, keep_serving, tracker)
         except BaseException as e:
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            update_stage(folder, stage, status, error=f"{type(e).__name__}: {e}")
+            interrupted = isinstance(e, KeyboardInterrupt)
+            update_stage(folder, stage, "interrupted" if interrupted else "failed",
+                         error=f"{type(e).__name__}: {e}")  # fmt: skip
+            if tracker:
+                tracker.end_stage(stage, "KILLED" if interrupted else "FAILED", None)
+                tracker.finish("KILLED" if interrupted else "FAILED")
             raise
         update_stage(folder, stage, "succeeded", outputs=outputs)
+        if tracker:
+            tracker.end_stage(stage, "FINISHED", outputs)
+    if tracker:
+        tracker.finish("FINISHED")
     return folder

@@ -16,6 +16,7 @@ from llm_dist.cluster import ClusterConfig
 from llm_dist.data.config import DataConfig
 from llm_dist.model import ModelConfig
 from llm_dist.serve.config import ServeConfig, positions_of, vllm_context_problem
+from llm_dist.tracking import TrackingConfig
 from llm_dist.train.config import PretrainConfig
 from llm_dist.tune.config import TuneConfig
 
@@ -45,6 +46,8 @@ class JobSpec(Section):
     """The Ray Serve deployment."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Ray address and per-worker resources."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow tracking of the run, its stages and trials, and the registered winner."""
 
     @field_validator("name")
     @classmethod

@@ -1,7 +1,9 @@
-"""Shared fixtures: one real local Ray for the whole session, and a corpus with every kind of bad record."""
+"""Shared fixtures: one real local Ray for the whole session, a corpus with every kind of bad record, and real S3 and MLflow servers on loopback."""
 
 import gzip
 import json
+import os
+import signal
 import zlib
 from pathlib import Path
 
@@ -218,3 +220,39 @@ def s3_server():
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on loopback (sqlite backend, artifacts in a temp folder); yields
+    its tracking URI."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts")],
+        stdout=open(root / "server.log", "w"),  # noqa: SIM115 (the server holds it)
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"mlflow server did not start: {root}/server.log") from None
+            time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}"
+    os.killpg(proc.pid, signal.SIGTERM)  # uvicorn's workers are in its process group
+    proc.wait(timeout=30)

@@ -55,6 +55,11 @@ def test_a_submitted_spec_runs_and_its_logs_show_the_final_loss(head, tmp_path):
     result = json.loads((tmp_path / "runs" / "job" / "pretrain" / "result.json").read_text())
     assert f"val loss {result['val_loss_at_start']:.3f} -> {result['val_loss']:.3f}" in logs
     assert "step 10/10" in logs
+    # the console is llm-dist's own; Ray's, torch's and the workers' output is in the run's log
+    full = (tmp_path / "runs" / "job" / "logs" / "llm-dist.log").read_text()
+    for chatter in ("Started training worker group", "Setting up process group", "WARNING"):
+        assert chatter in full and chatter not in logs, chatter
+    assert len(logs.splitlines()) <= 45, logs
     rows = (tmp_path / "runs" / "job" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     first = next(r for r in map(json.loads, rows) if r["kind"] == "train")
     print(

@@ -91,12 +91,16 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def zero2_run(ray_session, corpus, tmp_path_factory):
-    """6 steps at ZeRO-2 with a checkpoint every 3, then the same spec resumed up to step 9."""
+def zero2_run(ray_session, corpus, tmp_path_factory, mlflow_server):
+    """6 steps at ZeRO-2 with a checkpoint every 3, then the same spec resumed up to step 9;
+    both tracked in MLflow."""
     root = tmp_path_factory.mktemp("zero2")
-    pipeline.run(spec_for(root, corpus))
+    spec = spec_for(root, corpus)
+    spec.tracking.tracking_uri = mlflow_server
+    pipeline.run(spec)
     first = rows(root / "p", "train")
     spec = spec_for(root, corpus, max_steps=9)
+    spec.tracking.tracking_uri = mlflow_server
     pipeline.run(spec)
     return spec, root / "p", first
 
@@ -131,6 +135,42 @@ def test_metrics_result_and_manifest(zero2_run):
     assert manifest["stages"]["pretrain"]["outputs"]["test_loss"] == result["test_loss"]
     # keep_checkpoints: 2 of the checkpoints at 3, 6 and 9 remain
     assert [m["step"] for _, m in committed(str(run / "pretrain" / "checkpoints"))] == [9, 6]
+
+
+def test_data_and_pretraining_are_tracked_in_mlflow(zero2_run):
+    from mlflow import MlflowClient
+
+    spec, run, _ = zero2_run
+    client = MlflowClient(spec.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name("llm-dist")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`llm_dist.run_folder` = '{run}'")
+    by_stage = {r.data.tags["llm_dist.stage"]: r for r in runs}
+    assert len(runs) == 3 and sorted(by_stage) == ["data", "pretrain", "run"]  # resumed: reopened
+    parent = by_stage["run"]
+    assert parent.info.run_name == "p" and parent.info.status == "FINISHED"
+    assert parent.data.params["pretrain.zero_stage"] == "2"
+    assert parent.data.params["data.tokenizer.vocab_size"] == "512"
+    manifest = json.loads((run / "manifest.json").read_text())["stages"]
+    data, pretrain = by_stage["data"], by_stage["pretrain"]
+    for child in (data, pretrain):
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+    assert data.data.metrics["records"] == manifest["data"]["outputs"]["records"]
+    assert data.data.metrics["tokens.train"] == manifest["data"]["outputs"]["tokens"]["train"]
+    assert {"quarantine.json", "outputs.json"} <= {
+        a.path for a in client.list_artifacts(data.info.run_id)
+    }
+    assert pretrain.data.params["pretrain.micro_batch_size"] == "4"
+    # every row the workers wrote, at its step, across the resume: the curve in MLflow is the file's
+    history = client.get_metric_history(pretrain.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [
+        (r["step"], pytest.approx(r["loss"])) for r in rows(run, "train")
+    ]
+    val = client.get_metric_history(pretrain.info.run_id, "val_loss")
+    assert sorted(m.step for m in val) == [r["step"] for r in rows(run, "eval")]
+    assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "mfu")] != []
+    artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
+    assert {"metrics.jsonl", "result.json"} <= artifacts
 
 
 def test_export_reloads_offline_and_generates(zero2_run):

@@ -14,6 +14,7 @@ import torch
 from conftest import STDLIB_MODULES as MODULES
 from ray.tune.schedulers import FIFOScheduler
 
+from llm_dist import pipeline
 from llm_dist.base import UserError
 from llm_dist.spec import JobSpec
 from llm_dist.tune.run import run_stage
@@ -45,7 +46,7 @@ def results(run: Path, base: bool = False) -> list[dict]:
 
 @pytest.mark.slow
 def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
-    ray_session, tmp_path, task, base
+    ray_session, tmp_path, task, base, mlflow_server
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,8 +58,10 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
                     search_space={"lr": {"grid": [1e-5, 3e-3]},
                                   "method": {"grid": ["full", "lora"]}})  # fmt: skip
     spec.tune.task.metrics, spec.tune.task.max_new_tokens = ["rouge_l", "chrf"], 16
+    spec.tracking.tracking_uri, spec.tracking.registered_model_name = mlflow_server, "docstrings"
     run = tmp_path / "t"
-    winner = run_stage(spec, str(run))
+    pipeline.run(spec)
+    winner = json.loads((run / "winner.json").read_text())
 
     table, (base_row,) = results(run), results(run, base=True)
     assert len(table) == 4
@@ -112,6 +115,56 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
         assert all(0 <= row["val_rouge_l"] <= 1 and 0 <= row["val_chrf"] <= 1 for row in rows)
     # a finished sweep is reported, not rerun
     assert run_stage(spec, str(run))["trial_id"] == winner["trial_id"]
+    tracked_in_mlflow(mlflow_server, run, table, winner)
+
+
+def tracked_in_mlflow(uri: str, run: Path, table: list[dict], winner: dict) -> None:
+    """The sweep in MLflow: a run per trial under the tune run, with its figures at their steps
+    and its status; the winner registered with its lineage and its export as the version."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("llm-dist")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`llm_dist.run_folder` = '{run}'")
+    (parent,) = [r for r in runs if r.data.tags["llm_dist.stage"] == "run"]
+    (tune,) = [r for r in runs if r.data.tags["llm_dist.stage"] == "tune"]
+    trials = {
+        r.data.tags["llm_dist.trial_id"]: r
+        for r in runs
+        if r.data.tags["llm_dist.stage"] == "trial"
+    }
+    assert tune.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert tune.data.params["tune.scheduler"] == "asha"
+    assert tune.data.metrics["test.loss.lift"] == pytest.approx(winner["test"]["loss"]["lift"])
+    assert {a.path for a in client.list_artifacts(tune.info.run_id)} >= {
+        "results.csv",
+        "winner.json",
+    }
+    assert sorted(trials) == sorted(r["trial_id"] for r in table)
+    for r in table:
+        trial = trials[r["trial_id"]]
+        assert trial.data.tags["mlflow.parentRunId"] == tune.info.run_id
+        assert trial.data.tags["llm_dist.status"] == r["status"]
+        assert float(trial.data.params["lr"]) == float(r["lr"])
+        rows = [json.loads(line) for line in
+                (run / "tune" / "trials" / r["trial_id"] / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+        for key, kind in (("val_loss", "eval"), ("val_rouge_l", "eval"), ("loss", "train")):
+            history = client.get_metric_history(trial.info.run_id, key)
+            assert sorted((m.step, m.value) for m in history) == [
+                (row["step"], pytest.approx(row[key])) for row in rows if row["kind"] == kind
+            ], (r["trial_id"], key)
+    (version,) = client.search_model_versions("name='docstrings'")
+    assert version.run_id == trials[winner["trial_id"]].info.run_id
+    assert trials[winner["trial_id"]].data.tags["llm_dist.winner"] == "true"
+    tags = version.tags
+    assert tags["trial_id"] == winner["trial_id"]
+    assert tags["base_model"] == winner["lineage"]["base_model"]
+    assert tags["task_prepared"] == winner["lineage"]["task_prepared"]
+    assert json.loads(tags["config"])["method"] == winner["config"]["method"]
+    low, high = winner["test"]["loss"]["low"], winner["test"]["loss"]["high"]
+    assert f"[{low:+.6g}, {high:+.6g}]" in tags["test.loss"] and "test.rouge_l" in tags
+    files = {a.path for a in client.list_artifacts(version.run_id, "model")}
+    assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= files
 
 
 class StopAtTheFinalReport(FIFOScheduler):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_dist.base import UserError
+from llm_dist.console import console
 from llm_dist.data import corpus
 from llm_dist.data.pack import SPLITS
 from llm_dist.manifest import filesystem, read_json, save_into, storage_uri, write_json
@@ -163,7 +164,8 @@ def run_stage(spec, run: str) -> dict:
     """The data stage of a run: prepare or reuse, copy tokenizer and quarantine in, report."""
     from pyarrow import fs
 
-    stats = prepare(spec)
+    with console.status("data: reading, cleaning, tokenizing and packing the corpus"):
+        stats = prepare(spec)
     filesys, path = filesystem(run)
     src_fs, src = filesystem(stats["prepared"])
     filesys.create_dir(f"{path}/data/tokenizer", recursive=True)
@@ -174,7 +176,6 @@ def run_stage(spec, run: str) -> dict:
 
 
 def _report(stats: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="data" + (" (reused: fingerprint matches)" if stats["reused"] else ""))
@@ -182,7 +183,6 @@ def _report(stats: dict) -> None:
         table.add_column(column, justify="right")
     for key in ("docs", "tokens", "sequences", "remainder"):
         table.add_row(key, *(f"{stats[key][s]:,}" for s in SPLITS))
-    console = Console()
     console.print(table)
     bad = ", ".join(f"{k} {v:,}" for k, v in stats["bad"].items()) or "none"
     dropped = ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items()) or "none"

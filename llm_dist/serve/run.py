@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from llm_dist.base import UserError
+from llm_dist.console import console
 from llm_dist.manifest import read_json
 
 
@@ -26,9 +27,11 @@ def run_stage(spec, run: str, keep_serving: bool = False) -> dict:
     outputs = deploy(spec, run)
     if not (keep_serving or spec.serve.keep_serving):
         serve.delete(spec.name)
-        print("serve: stopped (set serve.keep_serving, or use `llm-dist serve`, to keep it up)")
+        console.print(
+            "serve: stopped (set serve.keep_serving, or use `llm-dist serve`, to keep it up)"
+        )
     elif spec.cluster.address is None:  # the embedded Ray ends with this process
-        print("serve: serving until Ctrl-C (or SIGTERM)")
+        console.print("serve: serving until Ctrl-C (or SIGTERM)")
         try:
             while True:
                 time.sleep(3600)
@@ -37,9 +40,11 @@ def run_stage(spec, run: str, keep_serving: bool = False) -> dict:
             # proxy still carries their responses (new ones get 404); then the proxy goes.
             serve.delete(spec.name)
             serve.shutdown()
-            print("serve: stopped")
+            console.print("serve: stopped")
     else:
-        print(f"serve: {spec.name!r} keeps running on the cluster; `serve shutdown` stops it")
+        console.print(
+            f"serve: {spec.name!r} keeps running on the cluster; `serve shutdown` stops it"
+        )
     return outputs
 
 
@@ -73,7 +78,7 @@ def deploy(spec, run: str) -> dict:
     serve.run(app, name=spec.name, route_prefix="/")
     ready = time.monotonic() - started
     url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
-    print(f"serve: {spec.name!r} ({source}: {folder}) is up at {url}/v1 in {ready:.1f} s")
+    console.print(f"serve: {spec.name!r} ({source}: {folder}) is up at {url}/v1 in {ready:.1f} s")
 
     chat = bool(tokenizer.chat_template)
     route, body = (("chat/completions", {"messages": [{"role": "user", "content": s.test_prompt}]})
@@ -93,9 +98,9 @@ def deploy(spec, run: str) -> dict:
     seconds = time.monotonic() - asked
     choice = answer["choices"][0]
     text = choice["message"]["content"] if chat else choice["text"]
-    print(f"serve: asked {s.test_prompt!r}; in {seconds:.2f} s, "
+    console.print(f"serve: asked {s.test_prompt!r}; in {seconds:.2f} s, "
           f"{answer['usage']['completion_tokens']} tokens ({choice['finish_reason']}):")  # fmt: skip
-    print(text if text.strip() else "(an empty answer: the model ended it at once)")
+    console.print(text if text.strip() else "(an empty answer: the model ended it at once)")
     return {"url": url, "model": spec.name, "folder": folder, "source": source,
             "seconds_to_ready": round(ready, 2), "test_prompt": s.test_prompt,
             "answer": text, "usage": answer["usage"]}  # fmt: skip

@@ -8,11 +8,15 @@ import os
 import threading
 
 from llm_dist.base import UserError
+from llm_dist.console import VERBOSE, console
 from llm_dist.manifest import read_json
 
 
-def run_stage(spec, run: str) -> dict:
-    """Pretrain (or resume pretraining) the spec's model; returns the outputs for the manifest."""
+def run_stage(spec, run: str, tracker=None) -> dict:
+    """Pretrain (or resume pretraining) the spec's model; returns the outputs for the manifest.
+
+    Every metrics row the workers write reaches the live display, and `tracker` when given.
+    """
     from ray.util.queue import Queue
 
     from llm_dist.cluster import connect
@@ -49,10 +53,10 @@ def run_stage(spec, run: str) -> dict:
     fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     fit.start()
     try:
-        _follow(fit, queue, p.max_steps)
+        _follow(fit, queue, p.max_steps, tracker)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM; the CLI then shuts Ray down
-        print(f"pretrain: interrupted; run the same spec again to resume from its newest "
-              f"checkpoint in {run}/pretrain/checkpoints")  # fmt: skip
+        console.print(f"pretrain: interrupted; run the same spec again to resume from its "
+                      f"newest checkpoint in {run}/pretrain/checkpoints")  # fmt: skip
         raise
     fit.join()
     if isinstance(outcome["result"], BaseException):
@@ -121,8 +125,10 @@ def _injected_nans() -> dict[int, str]:
     return nans
 
 
-def _follow(fit: threading.Thread, queue, total: int) -> None:
-    """The live display: a progress bar, and a line per metrics row or event."""
+def _follow(fit: threading.Thread, queue, total: int, tracker) -> None:
+    """The live display: a progress bar with loss, tokens/s, MFU and ETA on a terminal; where the
+    console is a file or a job's log, a line per tenth of the run. Evaluations and bad steps
+    always get a line; under `--verbose` every row does."""
     from queue import Empty
 
     from rich.progress import (
@@ -135,15 +141,27 @@ def _follow(fit: threading.Thread, queue, total: int) -> None:
 
     columns = (TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns) as progress:
+    every, next_line = max(1, total // 10), 0
+    with Progress(*columns, console=console) as progress:
         task = progress.add_task("pretrain", total=total, info="starting workers")
         while fit.is_alive() or not queue.empty():
             try:
                 row = queue.get(timeout=0.5)
             except Empty:
                 continue
-            progress.console.print(_line(row), soft_wrap=True)  # one line each in logs too
-            if row["kind"] == "train":
+            if tracker:
+                tracker.log_row("pretrain", row)
+            train = row["kind"] == "train"
+            show = (
+                VERBOSE.is_set()
+                or row["kind"] in ("eval", "test")
+                or row.get("event") == "bad_step"
+            )
+            if train and not console.is_terminal and row["step"] >= next_line:
+                show, next_line = True, row["step"] + every
+            if show:
+                progress.console.print(_line(row), soft_wrap=True)
+            if train:
                 info = f"loss {row['loss']:.3f} · {row['tokens_per_s']:,.0f} tok/s · MFU {row['mfu']:.1%}"
                 progress.update(task, completed=row["step"], info=info)
 
@@ -166,9 +184,6 @@ def _line(row: dict) -> str:
 
 
 def _report(result: dict, reused: bool) -> None:
-    from rich.console import Console
-
-    console = Console()
     start = result["val_loss_at_start"]
     console.print(
         f"pretrain{' (already finished)' if reused else ''}: {result['step']} steps, "

@@ -16,14 +16,19 @@ import time
 from ray import tune  # this module is imported only when the tune stage runs
 
 from llm_dist.base import UserError
+from llm_dist.console import console
 from llm_dist.manifest import read_json
 from llm_dist.tune.config import TUNABLE
+from llm_dist.tune.display import SweepDisplay
 
 TRIAL_CPU = 0.01  # the trial's own process only waits on its trainer; Tune needs a nonzero ask
 
 
-def run_stage(spec, run: str, resume: bool = False) -> dict:
-    """Run (or resume) the sweep, pick and score the winner; returns winner.json's content."""
+def run_stage(spec, run: str, resume: bool = False, tracker=None) -> dict:
+    """Run (or resume) the sweep, pick and score the winner; returns winner.json's content.
+
+    With a `tracker` (`llm_dist.tracking.Tracker`), each trial is an MLflow run of its own.
+    """
     from pyarrow import fs
     from pydantic import ValidationError
 
@@ -49,7 +54,7 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
         if task["unusable"]:
             left_out = ", ".join(f"{k} {v:,}" for k, v in sorted(task["unusable"].items()))
             line += f"; left out: {left_out}, listed in {task['quarantine']}"
-        print(line)
+        console.print(line)
     for split, least in (("train", t.num_workers), ("val", t.num_workers), ("test", 1)):
         if task["sequences"][split] < least:
             fix = "add records" + (
@@ -72,6 +77,7 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
                "prepared": task["prepared"], "val_rows": task["sequences"]["val"]}  # fmt: skip
     trainable = tune.with_resources(tune.with_parameters(_trial, context=context),
                                     {"CPU": TRIAL_CPU})  # fmt: skip
+    display = SweepDisplay(t.metric, t.mode, t.max_steps)
     if resume:
         if not exists or not tune.Tuner.can_restore(sweep):
             raise UserError(f"tune: no sweep to resume in {sweep}; run without --resume")
@@ -96,12 +102,14 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
             run_config=tune.RunConfig(
                 name="sweep", storage_path=f"{run}/tune",
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[_Completed(f"{run}/tune")],
+                callbacks=[_Completed(f"{run}/tune"), display,
+                           *filter(None, [tracker and tracker.trial_callback()])],
             ),
         )  # fmt: skip
     start, ctrl_c = time.perf_counter(), signal.getsignal(signal.SIGINT)
     try:
-        results = tuner.fit()
+        with console.status("tune: starting the trials") as display.status:
+            results = tuner.fit()
     finally:  # Tune leaves its own Ctrl-C handler behind, which would swallow the next one
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, ctrl_c)
@@ -112,8 +120,8 @@ def run_stage(spec, run: str, resume: bool = False) -> dict:
     done_ids = set(read_json(f"{run}/tune", "completed.json") or [])
     ended = [r for r in results if r.error or os.path.basename(r.path) in done_ids]
     if len(ended) < expected:  # Ctrl-C: Tune saved its state and ended the unfinished trials
-        print(f"tune: the sweep was interrupted; continue it with `llm-dist tune SPEC --resume`"
-              f" (state in {sweep})")  # fmt: skip
+        console.print(f"tune: the sweep was interrupted; continue it with `llm-dist tune SPEC "
+                      f"--resume` (state in {sweep})")  # fmt: skip
         raise KeyboardInterrupt
     return pick_winner(spec, run, results, base, task, seconds)
 
@@ -253,11 +261,9 @@ def ensure_trials_fit(spec) -> int:
 
 
 def _report_done(winner: dict) -> None:
-    from rich.console import Console
-
     tests = "; ".join(f"test {m} {v['winner']:.4f} (base {v['base']:.4f})"
                       for m, v in winner.get("test", {}).items())  # fmt: skip
-    Console().print(
+    console.print(
         f"tune (already finished): winner {winner['trial_id']} "
         f"{winner['metric']} {winner['value']:.4f}; {tests}; export: {winner['export']}"
     )

@@ -162,8 +162,9 @@ def _first_line(error) -> str | None:
 
 
 def _print(rows: list[dict], t, winner: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from llm_dist.console import console
 
     table = Table(title=f"tune: {len(rows)} trials, ranked by {t.metric} ({t.mode})")
     validation = [k for k in rows[0] if k.startswith("val_")]  # the ranking metric first
@@ -188,10 +189,12 @@ def _print(rows: list[dict], t, winner: dict) -> None:
         scores.add_row(metric + (" (lower is better)" if metric == "loss" else ""),
                        f"{v['base']:.4f}", f"{v['winner']:.4f}", f"{v['lift']:+.4f}",
                        "" if v["low"] is None else f"[{v['low']:+.4f}, {v['high']:+.4f}]")  # fmt: skip
-    console = Console()
+    out = console
     if not console.is_terminal:  # a log file: no 80-column squeeze of the table
-        console = Console(width=160)
-    console.print(table)
-    console.print(scores)
+        from rich.console import Console
+
+        out = Console(file=console.file, width=160)
+    out.print(table)
+    out.print(scores)
     console.print(f"winner {winner['trial_id']}: {t.metric} {winner['value']:.4f}; "
                   f"export: {winner['export']}")  # fmt: skip

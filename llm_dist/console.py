@@ -1,0 +1,73 @@
+"""The console: what a person watching a run sees, kept apart from what the run's processes print.
+
+`llm-dist` writes its own display (progress, tables, results, errors) through `console`. While
+a stage runs, everything else written to standard output and error goes to the run's log file
+instead: Ray's INFO lines and its workers' output, Tune's trial tables, torch's, DeepSpeed's and
+transformers' warnings, in full and in order. `--verbose` leaves the streams alone.
+"""
+
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+import time
+
+from rich.console import Console
+
+console = Console(soft_wrap=True)
+"""Where llm-dist's own lines go: the terminal (or the job's log), even while output is captured."""
+VERBOSE = threading.Event()
+"""Set under `--verbose`: the stages print every row and event, not only the milestones."""
+
+
+@contextlib.contextmanager
+def capture(run: str, verbose: bool = False):
+    """Send this process's standard output and error (file descriptors 1 and 2, so Ray's and
+    its child processes' too) to `<run>/logs/llm-dist.log` while the block runs; `console`
+    keeps writing to the terminal. An exception leaving the block is written to the log too.
+
+    For a run on object storage the log is written to a local file and uploaded at the end.
+    """
+    if verbose:
+        VERBOSE.set()
+        yield None
+        return
+    remote = "://" in run
+    folder = os.path.join(tempfile.gettempdir(), "llm-dist-logs") if remote else f"{run}/logs"
+    os.makedirs(folder, exist_ok=True)
+    name = f"{os.path.basename(run.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}.log" if remote else "llm-dist.log"  # fmt: skip
+    path = os.path.join(folder, name)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    console.file = terminal
+    os.write(log, f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    try:
+        yield path
+    except BaseException:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)  # the full story in the log; the CLI says the rest
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, log):
+            os.close(fd)
+        console.file = None  # back to whatever sys.stdout is
+        terminal.close()
+        if remote:
+            with contextlib.suppress(Exception):  # the run's outcome does not hang on its log
+                from pyarrow import fs
+
+                from llm_dist.manifest import filesystem
+
+                filesys, target = filesystem(f"{run}/logs/{name}")
+                fs.copy_files(path, target, destination_filesystem=filesys)

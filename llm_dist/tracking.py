@@ -1,0 +1,282 @@
+"""MLflow tracking: a parent run per llm-dist run, a nested run per stage and per tune trial, and
+the sweep's winner registered as a model version with its lineage.
+
+Tracking is on when `tracking.tracking_uri` or the standard `MLFLOW_TRACKING_URI` names a
+store; off otherwise (the run folder and its report.html are the record). Only the driver talks
+to MLflow, so credentials come from its environment alone (MLFLOW_TRACKING_TOKEN,
+MLFLOW_TRACKING_USERNAME / _PASSWORD, as the mlflow client reads them). A store that cannot be
+reached costs one warning and the run goes on untracked; so does one that fails later.
+
+What goes where:
+- the parent run (named after the run): the effective spec as parameters and spec.yaml, the
+  served endpoint as a tag;
+- `data`: the stage's counts as metrics, the quarantine counts as quarantine.json;
+- `pretrain`: the model and pretrain settings, every metrics row as it is written (loss, lr,
+  tokens/s, MFU, val and test loss at their step), metrics.jsonl and result.json;
+- `tune`, and under it one run per trial (Ray Tune's MLflowLoggerCallback): the trial's
+  settings, its validation figures at each evaluation, then its training rows, its
+  metrics.jsonl and its status; the tune run gets results.csv, winner.json and the test figures;
+- the registry: the winner's export as a version of `tracking.registered_model_name` (default:
+  the run's name), tagged with its lineage.
+"""
+
+import contextlib
+import json
+import os
+
+from llm_dist.base import Section
+from llm_dist.console import console
+
+RUN = "llm_dist.run_folder"  # tag: which run folder an MLflow run records
+STAGE = "llm_dist.stage"  # tag: "run" for the parent, else the stage; "trial" for a trial
+TRIAL = "llm_dist.trial_id"
+PARENT = "mlflow.parentRunId"  # MLflow's own tag for a nested run
+ROW_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait", "peak_memory_gb",
+               "val_loss", "val_ppl", "test_loss", "test_ppl")  # fmt: skip
+
+
+class TrackingConfig(Section):
+    """MLflow tracking: off unless a tracking URI is set here or in MLFLOW_TRACKING_URI."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI (http://host:5000, databricks, sqlite:///mlflow.db); empty: the MLFLOW_TRACKING_URI environment variable; with neither, tracking is off."""
+    experiment_name: str = "llm-dist"
+    """The MLflow experiment the run goes in (created when missing)."""
+    registered_model_name: str | None = None
+    """The registered model the tune winner becomes a version of; empty: the run's name."""
+
+
+class Tracker:
+    """The MLflow runs of one llm-dist run, made by `start`; each call warns once and turns
+    tracking off when the store fails, so that a run never fails for its tracking."""
+
+    def __init__(self, client, uri: str, spec, run: str, experiment_id: str, parent: str):
+        self.client, self.uri, self.spec, self.run = client, uri, spec, run
+        self.experiment_id, self.parent = experiment_id, parent
+        self.stages: dict[str, str] = {}  # stage -> its nested run id
+        self.pending: list = []  # mlflow RunOperations of rows logged without waiting
+        self.on = True
+
+    @contextlib.contextmanager
+    def _guard(self):
+        try:
+            yield
+        except Exception as e:  # the tracking store failed: the run folder stays the record
+            if self.on:
+                console.print(f"[yellow]tracking: MLflow at {self.uri} failed ({_short(e)}); "
+                              f"the run goes on untracked; its record stays in {self.run}[/]")  # fmt: skip
+            self.on = False
+
+    def start_stage(self, stage: str) -> None:
+        """Open (or, on a rerun, reopen) the stage's nested run with its spec section."""
+        with self._guard():
+            if not self.on:
+                return
+            found = self._find(f"tags.`{PARENT}` = '{self.parent}' and tags.`{STAGE}` = '{stage}'")
+            run_id = found or self.client.create_run(
+                self.experiment_id, run_name=stage,
+                tags={PARENT: self.parent, STAGE: stage, RUN: self.run}).info.run_id  # fmt: skip
+            sections = {"data": ["data"], "pretrain": ["model", "pretrain"], "tune": ["tune"],
+                        "serve": ["serve"]}[stage]  # fmt: skip
+            effective = self.spec.model_dump(mode="json")
+            self._params(run_id, _flat({k: effective[k] for k in sections}))
+            self.stages[stage] = run_id
+
+    def log_row(self, stage: str, row: dict) -> None:
+        """One metrics row of the worker loop (`MetricsLog.write`) at its step, without waiting."""
+        from mlflow.entities import Metric
+
+        values = {k: row[k] for k in ROW_METRICS if isinstance(row.get(k), int | float)}
+        if not values or stage not in self.stages:
+            return
+        with self._guard():
+            if self.on:
+                ms = int(row["time"] * 1000)
+                metrics = [Metric(k, float(v), ms, row["step"]) for k, v in values.items()]
+                self.pending.append(
+                    self.client.log_batch(self.stages[stage], metrics=metrics, synchronous=False)
+                )
+
+    def trial_callback(self):
+        """Ray Tune's MLflow logger for the sweep's trials, nested under the tune run."""
+        if not self.on or "tune" not in self.stages:
+            return None
+        from llm_dist.tune.trial_runs import TrialRuns
+
+        return TrialRuns(self.uri, experiment_name=self.spec.tracking.experiment_name,
+                         tags={PARENT: self.stages["tune"], STAGE: "trial", RUN: self.run})  # fmt: skip
+
+    def end_stage(self, stage: str, status: str, outputs: dict | None) -> None:
+        """Log what the stage left in the run folder, then close its run with `status`."""
+        run_id = self.stages.get(stage)
+        with self._guard():
+            if not self.on or run_id is None:
+                return
+            for pending in self.pending:  # the rows `log_row` queued land before the run ends
+                pending.wait()
+            self.pending.clear()
+            if outputs:
+                self._outputs(stage, run_id, outputs)
+            self.client.set_terminated(run_id, status)
+
+    def finish(self, status: str) -> None:
+        with self._guard():
+            if self.on:
+                self.client.set_terminated(self.parent, status)
+
+    def _outputs(self, stage: str, run_id: str, outputs: dict) -> None:
+        from mlflow.entities import Metric
+
+        live = ROW_METRICS if stage == "pretrain" else ()  # already there, each at its step
+        numbers = {k: v for k, v in _flat(outputs).items()
+                   if isinstance(v, int | float) and not isinstance(v, bool) and k not in live}  # fmt: skip
+        step = outputs.get("step") if isinstance(outputs.get("step"), int) else 0
+        metrics = [Metric(k, float(v), 0, step) for k, v in numbers.items()]
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a request
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        self.client.log_dict(run_id, outputs, "outputs.json")
+        if stage == "data":
+            counts = {k: outputs.get(k) for k in ("bad", "dropped", "records", "documents")}
+            self.client.log_dict(run_id, counts, "quarantine.json")
+        elif stage == "pretrain":
+            self._copy(run_id, f"{self.run}/pretrain", ["metrics.jsonl", "result.json"])
+        elif stage == "tune":
+            self._copy(run_id, self.run, ["winner.json"])
+            self._copy(run_id, f"{self.run}/tune", ["results.csv"])
+            self._trials(outputs)
+            self._register(outputs)
+        elif stage == "serve":
+            self.client.set_tag(self.parent, "llm_dist.endpoint", outputs.get("url", ""))
+
+    def _trials(self, winner: dict) -> None:
+        """Each trial run gets the status results.csv gives it (finished, stopped early...)."""
+        import pyarrow.csv as pcsv
+
+        from llm_dist.manifest import filesystem
+
+        filesys, path = filesystem(winner["results"])
+        with filesys.open_input_stream(path) as f:
+            rows = pcsv.read_csv(f).to_pylist()
+        for row in rows:
+            run_id = self._find(f"tags.`{PARENT}` = '{self.stages['tune']}' and "
+                                f"tags.`{TRIAL}` = '{row['trial_id']}'")  # fmt: skip
+            if run_id:
+                self.client.set_tag(run_id, "llm_dist.status", row["status"])
+                self.client.set_tag(run_id, "llm_dist.winner", str(row["trial_id"] == winner["trial_id"]).lower())  # fmt: skip
+
+    def _register(self, winner: dict) -> None:
+        """The winner's export, as a new version of the registered model, tagged with lineage."""
+        from mlflow.exceptions import MlflowException
+
+        from llm_dist.manifest import local_folder
+
+        run_id = self._find(f"tags.`{PARENT}` = '{self.stages['tune']}' and "
+                            f"tags.`{TRIAL}` = '{winner['trial_id']}'")  # fmt: skip
+        if run_id is None:
+            return
+        self.client.log_artifacts(run_id, local_folder(winner["export"]), "model")
+        name = self.spec.tracking.registered_model_name or self.spec.name
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        version = self.client.create_model_version(name, source, run_id, tags=lineage(winner))
+        console.print(f"tracking: the winner is version {version.version} of the registered "
+                      f"model {name!r} at {self.uri}")  # fmt: skip
+
+    def _copy(self, run_id: str, folder: str, names: list[str]) -> None:
+        from llm_dist.manifest import filesystem
+
+        for name in names:
+            filesys, path = filesystem(f"{folder}/{name}")
+            with contextlib.suppress(FileNotFoundError), filesys.open_input_stream(path) as f:
+                self.client.log_text(run_id, f.read().decode(), name)
+
+    def _find(self, where: str) -> str | None:
+        runs = self.client.search_runs([self.experiment_id], where, max_results=1,
+                                       order_by=["attributes.start_time DESC"])  # fmt: skip
+        return runs[0].info.run_id if runs else None
+
+    def _params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        # MLflow keeps a parameter's first value: a rerun with another spec is a new run folder
+        todo = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(todo), 100):  # at most 100 parameters a request
+            self.client.log_batch(run_id, params=todo[i : i + 100])
+
+
+def start(spec, run: str) -> Tracker | None:
+    """The run's Tracker when tracking is on and the store answers, else None (with a warning
+    when it does not answer). A rerun of the same run folder reopens its parent run."""
+    uri = spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    from mlflow import MlflowClient
+
+    tracker = Tracker(MlflowClient(uri), uri, spec, run, "", "")
+    with _no_retries(), tracker._guard():
+        client, name = tracker.client, spec.tracking.experiment_name
+        experiment = client.get_experiment_by_name(name)
+        tracker.experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)  # fmt: skip
+        tracker.parent = tracker._find(f"tags.`{RUN}` = '{run}' and tags.`{STAGE}` = 'run'") or (
+            client.create_run(tracker.experiment_id, run_name=spec.name,
+                              tags={RUN: run, STAGE: "run"}).info.run_id)  # fmt: skip
+        effective = spec.model_dump(mode="json")
+        tracker._params(tracker.parent, _flat(effective))
+        import yaml
+
+        client.log_text(tracker.parent, yaml.safe_dump(effective, sort_keys=False), "spec.yaml")
+        console.print(f"tracking: MLflow run {tracker.parent} in experiment {name!r} at {uri}")
+    return tracker if tracker.on else None
+
+
+def lineage(winner: dict) -> dict[str, str]:
+    """The registered version's tags: where the winner came from and what it scored."""
+    from pathlib import PurePosixPath
+
+    found = winner.get("lineage", {})
+    tags = {"trial_id": winner["trial_id"], "base_model": found.get("base_model", ""),
+            "task_prepared": found.get("task_prepared", ""),
+            "tokenizer": f"{found.get('task_prepared', '')}/tokenizer",
+            "config": json.dumps(winner.get("config", {}), sort_keys=True),
+            f"val.{winner['metric']}": f"{winner['value']:.6g}"}  # fmt: skip
+    if found.get("data_prepared"):  # the prepared folder's name is the data fingerprint
+        tags["data_fingerprint"] = PurePosixPath(found["data_prepared"]).name
+    if found.get("pretrain"):
+        tags["pretrain"] = json.dumps(found["pretrain"], sort_keys=True)
+    for metric, figures in winner.get("test", {}).items():
+        tags[f"test.{metric}"] = (f"{figures['winner']:.6g} (base {figures['base']:.6g}, lift "
+                                  f"{figures['lift']:+.6g} [{figures['low']:+.6g}, {figures['high']:+.6g}])")  # fmt: skip
+    return tags
+
+
+@contextlib.contextmanager
+def _no_retries():
+    """A store that does not answer is told at once, not after MLflow's minutes of retries."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    before = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: v for k, v in keys.items() if before[k] is None})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

@@ -1,0 +1,65 @@
+"""The sweep's live display: trials running, finished, stopped and failed, with the best so far.
+
+A line for every trial that ends; on a terminal, also a status line that follows the sweep.
+Tune's own trial tables go to the run's log file (see `llm_dist.console`).
+"""
+
+from ray import tune
+
+from llm_dist.console import console
+
+
+class SweepDisplay(tune.Callback):
+    """Follows the sweep from Tune's driver-side events; `status` is a rich Status to update."""
+
+    def __init__(self, metric: str, mode: str, max_steps: int):
+        self.metric, self.mode, self.max_steps = metric, mode, max_steps
+        self.counts = {"running": 0, "finished": 0, "stopped early": 0, "failed": 0}
+        self.best: tuple[str, float] | None = None
+        self.status = None
+
+    def __getstate__(self):  # Tune saves its callbacks with the sweep; a live display stays here
+        return {**self.__dict__, "status": None}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.counts["running"] += 1
+        self._update()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if isinstance(value, int | float) and (
+            self.best is None or (value < self.best[1]) == (self.mode == "min")
+        ):
+            self.best = (trial.trial_id, value)
+        self._update()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        # a trial's final report reaches Tune with its completion, not as a result event
+        self.on_trial_result(iteration, trials, trial, trial.last_result or {})
+        step = (trial.last_result or {}).get("step") or 0
+        how = "finished" if step >= self.max_steps else "stopped early"
+        self._end(trial, how, step, trial.last_result or {})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(
+            trial, "failed", (trial.last_result or {}).get("step") or 0, trial.last_result or {}
+        )
+
+    def _end(self, trial, how: str, step: int, result: dict) -> None:
+        self.counts["running"] = max(0, self.counts["running"] - 1)
+        self.counts[how] += 1
+        value = result.get(self.metric)
+        figure = f": {self.metric} {value:.4f}" if isinstance(value, int | float) else ""
+        console.print(
+            f"tune: trial {trial.trial_id} {how} at step {step}{figure}; {self._summary()}"
+        )
+        self._update()
+
+    def _summary(self) -> str:
+        counts = " · ".join(f"{n} {what}" for what, n in self.counts.items())
+        best = f"; best {self.best[0]} {self.metric} {self.best[1]:.4f}" if self.best else ""
+        return counts + best
+
+    def _update(self) -> None:
+        if self.status is not None:
+            self.status.update(f"tune: {self._summary()}")
