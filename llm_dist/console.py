@@ -71,3 +71,17 @@ def capture(run: str, verbose: bool = False):
 
                 filesys, target = filesystem(f"{run}/logs/{name}")
                 fs.copy_files(path, target, destination_filesystem=filesys)
+
+
+@contextlib.contextmanager
+def status(text: str):
+    """A spinner and `text` on a terminal while the block runs (nothing elsewhere); yields a
+    function that replaces the text. Unlike rich's `console.status`, it leaves sys.stdout and
+    sys.stderr alone, so that what `capture` sends to the log stays there."""
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    spinner = Spinner("dots", text)
+    with Live(spinner, console=console, transient=True, redirect_stdout=False,
+              redirect_stderr=False):  # fmt: skip
+        yield lambda new: spinner.update(text=new)

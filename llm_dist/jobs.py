@@ -31,6 +31,11 @@ def submit(spec, address: str) -> str:
         )
     effective = spec.model_dump(mode="json")
     effective["cluster"]["address"] = "auto"  # the job's driver joins the cluster it runs on
+    # the tracking store this shell names; its credentials stay in the cluster's environment
+    # (a job's runtime_env is shown to anyone who can read the dashboard)
+    effective["tracking"]["tracking_uri"] = spec.tracking.tracking_uri or os.environ.get(
+        "MLFLOW_TRACKING_URI"
+    )
     client = _client(address)
     job_id = _call(address, None, lambda: client.submit_job(
         entrypoint=f"printf %s {shlex.quote(json.dumps(effective))} | python -m llm_dist.cli run -",

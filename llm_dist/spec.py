@@ -258,7 +258,7 @@ def _is_text(annotation: Any) -> bool:
 
 
 def reference() -> str:
-    """The field reference of every section as Markdown (the README embeds it; a test keeps it in step)."""
+    """The field reference of every section as Markdown (docs/spec.md embeds it; a test keeps it in step)."""
     out = []
 
     def table(model: type[BaseModel], prefix: str) -> None:

@@ -137,3 +137,33 @@ def test_data_stage_with_missing_corpus_names_the_source(tmp_path):
     assert f"data.sources.0: '{tmp_path}/none.jsonl' matched no corpus files" in out.stderr
     manifest = json.loads((tmp_path / "quickstart" / "manifest.json").read_text())
     assert manifest["stages"]["data"]["status"] == "failed"
+
+
+def test_report_writes_the_report_of_a_run_folder_and_refuses_other_folders(tmp_path):
+    out = cli("report", str(tmp_path))
+    assert out.returncode == 2
+    assert f"RUN: {tmp_path} is not a run folder (it has no manifest.json)" in out.stderr
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "r", "stages": {}}))
+    out = cli("report", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"report: {tmp_path}/report.html\n"
+    assert "no stage has started" in (tmp_path / "report.html").read_text()
+
+
+def test_the_console_keeps_llm_dists_lines_and_the_run_log_gets_the_rest(tmp_path):
+    run = tmp_path / "run"
+    script = (
+        "import os, sys\nfrom llm_dist.console import capture, console\n"
+        f"with capture({str(run)!r}) as log:\n"
+        "    console.print('ours')\n"
+        '    print("python\'s own stdout")\n'
+        '    os.write(2, b"a child process\'s stderr\\n")  # below Python: a raylet, a C++ library\n'
+        "    raise RuntimeError('boom')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout == "ours\n"
+    assert out.stderr.rstrip().endswith("RuntimeError: boom")  # errors reach the console too
+    text = (run / "logs" / "llm-dist.log").read_text()
+    for line in ("python's own stdout", "a child process's stderr", "RuntimeError: boom"):
+        assert line in text, line
+    assert "ours" not in text

@@ -84,7 +84,8 @@ def test_stop_ends_a_running_job(head, tmp_path):
     logs = cli("logs", job_id, "--address", head["address"], token=head["token"]).stdout
     assert "pretrain: interrupted; run the same spec again to resume" in logs  # a clean stop,
     assert "llm-dist: stopped by SIGTERM" in logs  # not Ray's stack dump and a kill
-    assert "SIGTERM received" not in logs
+    full = (tmp_path / "runs" / "job" / "logs" / "llm-dist.log").read_text()
+    assert "SIGTERM received" not in logs + full
     out = cli("stop", job_id, "--address", head["address"], token=head["token"])
     assert out.returncode == 0 and "already ended" in out.stdout
 

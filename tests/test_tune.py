@@ -217,7 +217,7 @@ def test_a_trial_stopped_at_its_final_report_is_whole(ray_session, tmp_path, tas
 
 
 @pytest.mark.slow
-def test_optuna_sweep_survives_a_failing_trial(ray_session, tmp_path, task, base):
+def test_optuna_sweep_survives_a_failing_trial(ray_session, tmp_path, task, base, capsys):
     """Optuna (TPE) proposes the learning rates; one trial loses its worker and fails."""
     from ray.util.state import list_actors
 
@@ -250,6 +250,11 @@ def test_optuna_sweep_survives_a_failing_trial(ray_session, tmp_path, task, base
     assert [r["status"] for r in table].count("finished") == 2
     failed = next(r for r in table if r["status"] == "failed")
     assert failed["error"]  # the reason is recorded
+    console = capsys.readouterr().out  # the failure and its reason reach the console
+    (line,) = [x for x in console.splitlines() if x.startswith(f"tune: trial {failed['trial_id']}")]
+    assert line.startswith(f"tune: trial {failed['trial_id']} failed at step ")
+    assert "· 1 failed" in line
+    assert "(the whole traceback: " in console
     lrs = [float(r["lr"]) for r in table]
     assert len(set(lrs)) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
     assert winner["trial_id"] != failed["trial_id"]

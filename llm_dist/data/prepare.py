@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from llm_dist.base import UserError
-from llm_dist.console import console
+from llm_dist.console import console, status
 from llm_dist.data import corpus
 from llm_dist.data.pack import SPLITS
 from llm_dist.manifest import filesystem, read_json, save_into, storage_uri, write_json
@@ -164,7 +164,7 @@ def run_stage(spec, run: str) -> dict:
     """The data stage of a run: prepare or reuse, copy tokenizer and quarantine in, report."""
     from pyarrow import fs
 
-    with console.status("data: reading, cleaning, tokenizing and packing the corpus"):
+    with status("data: reading, cleaning, tokenizing and packing the corpus"):
         stats = prepare(spec)
     filesys, path = filesystem(run)
     src_fs, src = filesystem(stats["prepared"])

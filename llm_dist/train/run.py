@@ -142,7 +142,10 @@ def _follow(fit: threading.Thread, queue, total: int, tracker) -> None:
     columns = (TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
     every, next_line = max(1, total // 10), 0
-    with Progress(*columns, console=console) as progress:
+    # the workers' output, which Ray prints through sys.stdout, stays where `capture` sends it
+    with Progress(
+        *columns, console=console, redirect_stdout=False, redirect_stderr=False
+    ) as progress:
         task = progress.add_task("pretrain", total=total, info="starting workers")
         while fit.is_alive() or not queue.empty():
             try:

@@ -4,22 +4,25 @@ A line for every trial that ends; on a terminal, also a status line that follows
 Tune's own trial tables go to the run's log file (see `llm_dist.console`).
 """
 
+import os
+from pathlib import Path
+
 from ray import tune
 
 from llm_dist.console import console
 
 
 class SweepDisplay(tune.Callback):
-    """Follows the sweep from Tune's driver-side events; `status` is a rich Status to update."""
+    """Follows the sweep from Tune's driver-side events; `show` replaces the status line's text."""
 
     def __init__(self, metric: str, mode: str, max_steps: int):
         self.metric, self.mode, self.max_steps = metric, mode, max_steps
         self.counts = {"running": 0, "finished": 0, "stopped early": 0, "failed": 0}
         self.best: tuple[str, float] | None = None
-        self.status = None
+        self.show = None
 
     def __getstate__(self):  # Tune saves its callbacks with the sweep; a live display stays here
-        return {**self.__dict__, "status": None}
+        return {**self.__dict__, "show": None}
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.counts["running"] += 1
@@ -41,9 +44,13 @@ class SweepDisplay(tune.Callback):
         self._end(trial, how, step, trial.last_result or {})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._end(
-            trial, "failed", (trial.last_result or {}).get("step") or 0, trial.last_result or {}
-        )
+        result = trial.last_result or {}
+        self._end(trial, "failed", result.get("step") or 0, result)
+        path = trial.error_file  # Tune writes it before it calls back; errors reach the console
+        text = Path(path).read_text() if path and os.path.exists(path) else ""
+        lines = [line for line in text.splitlines() if line.strip()]
+        if lines:
+            console.print(f"  {lines[-1][:300]} (the whole traceback: {path})")
 
     def _end(self, trial, how: str, step: int, result: dict) -> None:
         self.counts["running"] = max(0, self.counts["running"] - 1)
@@ -61,5 +68,5 @@ class SweepDisplay(tune.Callback):
         return counts + best
 
     def _update(self) -> None:
-        if self.status is not None:
-            self.status.update(f"tune: {self._summary()}")
+        if self.show is not None:
+            self.show(f"tune: {self._summary()}")

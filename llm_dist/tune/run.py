@@ -16,7 +16,7 @@ import time
 from ray import tune  # this module is imported only when the tune stage runs
 
 from llm_dist.base import UserError
-from llm_dist.console import console
+from llm_dist.console import console, status
 from llm_dist.manifest import read_json
 from llm_dist.tune.config import TUNABLE
 from llm_dist.tune.display import SweepDisplay
@@ -108,7 +108,7 @@ def run_stage(spec, run: str, resume: bool = False, tracker=None) -> dict:
         )  # fmt: skip
     start, ctrl_c = time.perf_counter(), signal.getsignal(signal.SIGINT)
     try:
-        with console.status("tune: starting the trials") as display.status:
+        with status("tune: starting the trials") as display.show:
             results = tuner.fit()
     finally:  # Tune leaves its own Ctrl-C handler behind, which would swallow the next one
         if threading.current_thread() is threading.main_thread():
