@@ -149,7 +149,8 @@ class Tracker:
             self.client.set_tag(self.parent, "llm_dist.endpoint", outputs.get("url", ""))
 
     def _trials(self, winner: dict) -> None:
-        """Each trial run gets the status results.csv gives it (finished, stopped early...)."""
+        """Each trial run gets the status results.csv gives it (finished, stopped early...), and
+        what its folder holds."""
         import pyarrow.csv as pcsv
 
         from llm_dist.manifest import filesystem
@@ -163,6 +164,34 @@ class Tracker:
             if run_id:
                 self.client.set_tag(run_id, "llm_dist.status", row["status"])
                 self.client.set_tag(run_id, "llm_dist.winner", str(row["trial_id"] == winner["trial_id"]).lower())  # fmt: skip
+                self._trial_rows(
+                    run_id, f"{self.run}/tune/trials/{row['trial_id']}", winner["metric"]
+                )
+
+    def _trial_rows(self, run_id: str, folder: str, metric: str) -> None:
+        """A trial's training rows, the evaluations Tune did not hand over as they came (a final
+        report reaches Tune with the trial's completion), and its metrics.jsonl."""
+        from mlflow.entities import Metric
+
+        from llm_dist.manifest import filesystem
+
+        filesys, path = filesystem(f"{folder}/metrics.jsonl")
+        with contextlib.suppress(FileNotFoundError), filesys.open_input_stream(path) as f:
+            text = f.read().decode()
+            live = {m.step for m in self.client.get_metric_history(run_id, metric)}
+            metrics = []
+            for row in (json.loads(line) for line in text.splitlines() if line.strip()):
+                if row["kind"] == "train":
+                    keys = ROW_METRICS
+                elif row["kind"] == "eval" and row["step"] not in live:
+                    keys = [k for k in row if k.startswith("val_")]
+                else:
+                    continue
+                metrics += [Metric(k, float(row[k]), int(row["time"] * 1000), row["step"])
+                            for k in keys if isinstance(row.get(k), int | float)]  # fmt: skip
+            for i in range(0, len(metrics), 1000):  # at most 1000 metrics a request
+                self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+            self.client.log_text(run_id, text, "metrics.jsonl")
 
     def _register(self, winner: dict) -> None:
         """The winner's export, as a new version of the registered model, tagged with lineage."""
@@ -172,10 +201,12 @@ class Tracker:
 
         run_id = self._find(f"tags.`{PARENT}` = '{self.stages['tune']}' and "
                             f"tags.`{TRIAL}` = '{winner['trial_id']}'")  # fmt: skip
-        if run_id is None:
+        name = self.spec.tracking.registered_model_name or self.spec.name
+        if run_id is None or self.client.search_model_versions(
+            f"name = '{name}' and run_id = '{run_id}'"
+        ):  # a rerun of a finished sweep does not register its winner again
             return
         self.client.log_artifacts(run_id, local_folder(winner["export"]), "model")
-        name = self.spec.tracking.registered_model_name or self.spec.name
         try:
             self.client.create_registered_model(name)
         except MlflowException as e:

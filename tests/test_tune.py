@@ -113,8 +113,9 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
             assert evals == [0, 5, 10, 15, 20]
         rows = [row for row in map(json.loads, lines.splitlines()) if row["kind"] == "eval"]
         assert all(0 <= row["val_rouge_l"] <= 1 and 0 <= row["val_chrf"] <= 1 for row in rows)
-    # a finished sweep is reported, not rerun
+    # a finished sweep is reported, not rerun (nor its winner registered again)
     assert run_stage(spec, str(run))["trial_id"] == winner["trial_id"]
+    pipeline.run(spec)
     tracked_in_mlflow(mlflow_server, run, table, winner)
 
 
@@ -267,7 +268,7 @@ def test_a_sweep_stopped_by_sigterm_resumes(ray_session, tmp_path, task, base):
     sweep, the process exits 143 with no Ray process left, and `--resume` finishes the sweep."""
     from ray_head import cli_in_background, no_marked_process_within
 
-    spec = spec_for(tmp_path, task, base, scheduler="fifo", method="lora",
+    spec = spec_for(tmp_path, task, base, scheduler="fifo", method="lora", max_steps=10,
                     max_concurrent_trials=1, search_space={"lr": {"grid": [1e-3, 3e-3]}})  # fmt: skip
     run = tmp_path / "t"
     proc, mark, log = cli_in_background("tune", spec, tmp_path)
@@ -279,7 +280,8 @@ def test_a_sweep_stopped_by_sigterm_resumes(ray_session, tmp_path, task, base):
     assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
     out = log.read_text()
     assert "continue it with `llm-dist tune SPEC --resume`" in out
-    assert "SIGTERM received" not in out  # Ray's own handler: a stack dump, then exit 15
+    full = (run / "logs" / "llm-dist.log").read_text()  # the rest of the process's output
+    assert "SIGTERM received" not in out + full  # Ray's own handler: a stack dump, then exit 15
     assert no_marked_process_within(mark, 30) == []
     assert not (run / "winner.json").exists()
     with pytest.raises(UserError, match="continue it with `llm-dist tune SPEC --resume`"):
