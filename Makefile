@@ -8,9 +8,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
-# pip's errors only (its warnings about a machine's own pip configuration are not the run's),
-# and no bytecode compiled ahead for ~28,000 files: Python compiles what is imported, once
-PIP_ARGS ?= --quiet --quiet --no-compile --disable-pip-version-check
+# pip's errors only: its warnings about a machine's own pip configuration are not the run's
+PIP_ARGS ?= --quiet --quiet --disable-pip-version-check
 
 .PHONY: setup quickstart test test-fast lint clean
 

@@ -242,6 +242,8 @@ def mlflow_server(tmp_path_factory):
          "--artifacts-destination", str(root / "artifacts")],
         stdout=open(root / "server.log", "w"),  # noqa: SIM115 (the server holds it)
         stderr=subprocess.STDOUT, start_new_session=True,
+        # no job runner (eight huey workers of 240 MB each): tracking needs none of its jobs
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )  # fmt: skip
     deadline = time.monotonic() + 90
     while True:
