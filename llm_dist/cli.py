@@ -157,11 +157,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         try:
             folder = pipeline.run(spec, stages, resume=getattr(args, "resume", False),
                                   keep_serving=args.verb == "serve")  # fmt: skip
-            if args.verb == "run":
+        finally:
+            if args.verb == "run":  # a failed run's report shows how far it got
                 from llm_dist.report import write_report
 
-                console.print(f"report: {write_report(folder)}")
-        finally:
+                try:
+                    console.print(f"report: {write_report(run_uri(spec))}")
+                except FileNotFoundError:
+                    pass  # the run never started: nothing to report
+                except Exception as e:  # the run's own outcome stands
+                    console.print(f"[yellow]report: not written ({type(e).__name__}: {e})[/]")
             _shutdown_ray()  # inside the capture: Ray's goodbyes go to the log too
     console.print(f"run folder: {folder}")
     return 0

@@ -34,21 +34,23 @@ def capture(run: str, verbose: bool = False):
         yield None
         return
     remote = "://" in run
-    folder = os.path.join(tempfile.gettempdir(), "llm-dist-logs") if remote else f"{run}/logs"
-    os.makedirs(folder, exist_ok=True)
-    name = f"{os.path.basename(run.rstrip('/'))}-{time.strftime('%Y%m%d-%H%M%S')}.log" if remote else "llm-dist.log"  # fmt: skip
-    path = os.path.join(folder, name)
+    if remote:  # a local file of this user's own, uploaded at the end
+        name = f"llm-dist-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log, path = tempfile.mkstemp(prefix="llm-dist-", suffix=".log")
+    else:
+        os.makedirs(f"{run}/logs", exist_ok=True)
+        path = f"{run}/logs/llm-dist.log"
+        log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
     console.file = terminal
     os.write(log, f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
     os.dup2(log, 1)
     os.dup2(log, 2)
     try:
-        yield path
+        yield f"{run}/logs/{name}" if remote else path
     except BaseException:
         import traceback
 
@@ -71,6 +73,7 @@ def capture(run: str, verbose: bool = False):
 
                 filesys, target = filesystem(f"{run}/logs/{name}")
                 fs.copy_files(path, target, destination_filesystem=filesys)
+                os.remove(path)
 
 
 @contextlib.contextmanager
@@ -81,6 +84,9 @@ def status(text: str):
     from rich.live import Live
     from rich.spinner import Spinner
 
+    if VERBOSE.is_set():  # the raw output has the terminal: a live line would break into it
+        yield lambda new: None
+        return
     spinner = Spinner("dots", text)
     with Live(spinner, console=console, transient=True, redirect_stdout=False,
               redirect_stderr=False):  # fmt: skip

@@ -31,11 +31,7 @@ def submit(spec, address: str) -> str:
         )
     effective = spec.model_dump(mode="json")
     effective["cluster"]["address"] = "auto"  # the job's driver joins the cluster it runs on
-    # the tracking store this shell names; its credentials stay in the cluster's environment
-    # (a job's runtime_env is shown to anyone who can read the dashboard)
-    effective["tracking"]["tracking_uri"] = spec.tracking.tracking_uri or os.environ.get(
-        "MLFLOW_TRACKING_URI"
-    )
+    effective["tracking"]["tracking_uri"] = _tracking_uri(spec, address)
     client = _client(address)
     job_id = _call(address, None, lambda: client.submit_job(
         entrypoint=f"printf %s {shlex.quote(json.dumps(effective))} | python -m llm_dist.cli run -",
@@ -46,6 +42,35 @@ def submit(spec, address: str) -> str:
         metadata={"llm_dist_run": spec.name},
     ))  # fmt: skip
     return job_id
+
+
+def _tracking_uri(spec, address: str) -> str | None:
+    """The tracking store the job reports to: the spec's, else this shell's MLFLOW_TRACKING_URI.
+
+    It travels in the spec, shown on the dashboard: credentials stay in the cluster's
+    environment. A server on this machine's loopback is not passed on to a cluster elsewhere.
+    """
+    from urllib.parse import urlsplit
+
+    from llm_dist.console import console
+
+    uri = spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        raise UserError(
+            "tracking.tracking_uri: it holds credentials, which the job would show on the Ray "
+            "dashboard; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN) in the cluster's environment instead"
+        )
+    loopback = ("localhost", "127.0.0.1", "::1")
+    if parts.hostname in loopback and urlsplit(address).hostname not in loopback:
+        console.print(f"[yellow]tracking: {uri} is on this machine, which the job's driver on the "
+                      "cluster cannot reach; the job runs untracked (name a tracking server the "
+                      "head node reaches in tracking.tracking_uri)[/]")  # fmt: skip
+        return None
+    return uri
 
 
 def status(job_id: str, address: str) -> dict:

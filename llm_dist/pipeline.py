@@ -9,7 +9,8 @@ def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bo
     """Run one stage of `spec` in the run folder `run`; returns its outputs for the manifest.
 
     `resume` continues an interrupted tune sweep; `keep_serving` keeps the served model up;
-    `tracker` (a `tracking.Tracker`) gets pretraining's rows and the trials' runs as they come.
+    `tracker` (a `tracking.Tracker`) gets pretraining's rows, the trials' runs and the served
+    endpoint as they come.
     """
     if stage == "data":
         from llm_dist.data.prepare import run_stage as data_stage
@@ -26,7 +27,7 @@ def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bo
     if stage == "serve":
         from llm_dist.serve.run import run_stage as serve_stage
 
-        return serve_stage(spec, run, keep_serving)
+        return serve_stage(spec, run, keep_serving, tracker)
     raise ValueError(f"unknown stage {stage!r}")  # the spec allows only the four above
 
 
@@ -55,9 +56,9 @@ def run(spec, stages: list[str] | None = None, resume: bool = False,
     tracker = start_tracking(spec, folder)
     for stage in stages:
         update_stage(folder, stage, "running")
-        if tracker:
-            tracker.start_stage(stage)
         try:
+            if tracker:
+                tracker.start_stage(stage)
             outputs = run_stage(spec, stage, folder, resume, keep_serving, tracker)
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)

@@ -23,6 +23,7 @@ What goes where:
 import contextlib
 import json
 import os
+import time
 
 from llm_dist.base import Section
 from llm_dist.console import console
@@ -31,6 +32,7 @@ RUN = "llm_dist.run_folder"  # tag: which run folder an MLflow run records
 STAGE = "llm_dist.stage"  # tag: "run" for the parent, else the stage; "trial" for a trial
 TRIAL = "llm_dist.trial_id"
 PARENT = "mlflow.parentRunId"  # MLflow's own tag for a nested run
+FLUSH_S = 10  # how often pretraining's rows go to the store
 ROW_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait", "peak_memory_gb",
                "val_loss", "val_ppl", "test_loss", "test_ppl")  # fmt: skip
 
@@ -54,7 +56,8 @@ class Tracker:
         self.client, self.uri, self.spec, self.run = client, uri, spec, run
         self.experiment_id, self.parent = experiment_id, parent
         self.stages: dict[str, str] = {}  # stage -> its nested run id
-        self.pending: list = []  # mlflow RunOperations of rows logged without waiting
+        self.rows: list = []  # metrics of `log_row` not sent yet
+        self.flushed = time.monotonic()
         self.on = True
 
     @contextlib.contextmanager
@@ -72,7 +75,11 @@ class Tracker:
         with self._guard():
             if not self.on:
                 return
-            found = self._find(f"tags.`{PARENT}` = '{self.parent}' and tags.`{STAGE}` = '{stage}'")
+            found = self._find(
+                f"tags.`{PARENT}` = {_q(self.parent)} and tags.`{STAGE}` = {_q(stage)}"
+            )
+            if found:  # a rerun: the stage runs again
+                self.client.update_run(found, "RUNNING")
             run_id = found or self.client.create_run(
                 self.experiment_id, run_name=stage,
                 tags={PARENT: self.parent, STAGE: stage, RUN: self.run}).info.run_id  # fmt: skip
@@ -83,19 +90,24 @@ class Tracker:
             self.stages[stage] = run_id
 
     def log_row(self, stage: str, row: dict) -> None:
-        """One metrics row of the worker loop (`MetricsLog.write`) at its step, without waiting."""
+        """One metrics row of the worker loop (`MetricsLog.write`) at its step. Rows are sent in
+        batches every FLUSH_S seconds and when the stage ends, so a slow store costs one
+        request per batch, and a dead one one warning, not a queue of retries."""
         from mlflow.entities import Metric
 
-        values = {k: row[k] for k in ROW_METRICS if isinstance(row.get(k), int | float)}
-        if not values or stage not in self.stages:
+        if not self.on or stage not in self.stages:
             return
+        ms = int(row["time"] * 1000)
+        self.rows += [Metric(k, float(row[k]), ms, row["step"]) for k in ROW_METRICS
+                      if isinstance(row.get(k), int | float)]  # fmt: skip
+        if time.monotonic() - self.flushed > FLUSH_S:
+            self._flush(stage)
+
+    def _flush(self, stage: str) -> None:
+        rows, self.rows, self.flushed = self.rows, [], time.monotonic()
         with self._guard():
-            if self.on:
-                ms = int(row["time"] * 1000)
-                metrics = [Metric(k, float(v), ms, row["step"]) for k, v in values.items()]
-                self.pending.append(
-                    self.client.log_batch(self.stages[stage], metrics=metrics, synchronous=False)
-                )
+            for i in range(0, len(rows), 1000):  # MLflow takes at most 1000 metrics a request
+                self.client.log_batch(self.stages[stage], metrics=rows[i : i + 1000])
 
     def trial_callback(self):
         """Ray Tune's MLflow logger for the sweep's trials, nested under the tune run."""
@@ -112,12 +124,19 @@ class Tracker:
         with self._guard():
             if not self.on or run_id is None:
                 return
-            for pending in self.pending:  # the rows `log_row` queued land before the run ends
-                pending.wait()
-            self.pending.clear()
+            if self.rows:
+                self._flush(stage)
+            if not self.on:  # the flush found the store gone
+                return
             if outputs:
                 self._outputs(stage, run_id, outputs)
             self.client.set_terminated(run_id, status)
+
+    def served(self, url: str) -> None:
+        """The endpoint, as a tag of the parent run, as soon as it answers."""
+        with self._guard():
+            if self.on:
+                self.client.set_tag(self.parent, "llm_dist.endpoint", url)
 
     def finish(self, status: str) -> None:
         with self._guard():
@@ -136,6 +155,9 @@ class Tracker:
             self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
         self.client.log_dict(run_id, outputs, "outputs.json")
         if stage == "data":
+            totals = [Metric(f"{k}.total", float(sum(outputs.get(k, {}).values())), 0, 0)
+                      for k in ("bad", "dropped")]  # fmt: skip
+            self.client.log_batch(run_id, metrics=totals)  # 0 too, where no reason has a count
             counts = {k: outputs.get(k) for k in ("bad", "dropped", "records", "documents")}
             self.client.log_dict(run_id, counts, "quarantine.json")
         elif stage == "pretrain":
@@ -145,8 +167,6 @@ class Tracker:
             self._copy(run_id, f"{self.run}/tune", ["results.csv"])
             self._trials(outputs)
             self._register(outputs)
-        elif stage == "serve":
-            self.client.set_tag(self.parent, "llm_dist.endpoint", outputs.get("url", ""))
 
     def _trials(self, winner: dict) -> None:
         """Each trial run gets the status results.csv gives it (finished, stopped early...), and
@@ -159,8 +179,8 @@ class Tracker:
         with filesys.open_input_stream(path) as f:
             rows = pcsv.read_csv(f).to_pylist()
         for row in rows:
-            run_id = self._find(f"tags.`{PARENT}` = '{self.stages['tune']}' and "
-                                f"tags.`{TRIAL}` = '{row['trial_id']}'")  # fmt: skip
+            run_id = self._find(f"tags.`{PARENT}` = {_q(self.stages['tune'])} and "
+                                f"tags.`{TRIAL}` = {_q(row['trial_id'])}")  # fmt: skip
             if run_id:
                 self.client.set_tag(run_id, "llm_dist.status", row["status"])
                 self.client.set_tag(run_id, "llm_dist.winner", str(row["trial_id"] == winner["trial_id"]).lower())  # fmt: skip
@@ -199,11 +219,11 @@ class Tracker:
 
         from llm_dist.manifest import local_folder
 
-        run_id = self._find(f"tags.`{PARENT}` = '{self.stages['tune']}' and "
-                            f"tags.`{TRIAL}` = '{winner['trial_id']}'")  # fmt: skip
+        run_id = self._find(f"tags.`{PARENT}` = {_q(self.stages['tune'])} and "
+                            f"tags.`{TRIAL}` = {_q(winner['trial_id'])}")  # fmt: skip
         name = self.spec.tracking.registered_model_name or self.spec.name
         if run_id is None or self.client.search_model_versions(
-            f"name = '{name}' and run_id = '{run_id}'"
+            f"name = {_q(name)} and run_id = {_q(run_id)}"
         ):  # a rerun of a finished sweep does not register its winner again
             return
         self.client.log_artifacts(run_id, local_folder(winner["export"]), "model")
@@ -253,9 +273,12 @@ def start(spec, run: str) -> Tracker | None:
         client, name = tracker.client, spec.tracking.experiment_name
         experiment = client.get_experiment_by_name(name)
         tracker.experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)  # fmt: skip
-        tracker.parent = tracker._find(f"tags.`{RUN}` = '{run}' and tags.`{STAGE}` = 'run'") or (
-            client.create_run(tracker.experiment_id, run_name=spec.name,
-                              tags={RUN: run, STAGE: "run"}).info.run_id)  # fmt: skip
+        tracker.parent = tracker._find(f"tags.`{RUN}` = {_q(run)} and tags.`{STAGE}` = 'run'")
+        if tracker.parent:  # a rerun of the run folder
+            client.update_run(tracker.parent, "RUNNING")
+        else:
+            tracker.parent = client.create_run(tracker.experiment_id, run_name=spec.name,
+                                               tags={RUN: run, STAGE: "run"}).info.run_id  # fmt: skip
         effective = spec.model_dump(mode="json")
         tracker._params(tracker.parent, _flat(effective))
         import yaml
@@ -279,9 +302,10 @@ def lineage(winner: dict) -> dict[str, str]:
         tags["data_fingerprint"] = PurePosixPath(found["data_prepared"]).name
     if found.get("pretrain"):
         tags["pretrain"] = json.dumps(found["pretrain"], sort_keys=True)
-    for metric, figures in winner.get("test", {}).items():
-        tags[f"test.{metric}"] = (f"{figures['winner']:.6g} (base {figures['base']:.6g}, lift "
-                                  f"{figures['lift']:+.6g} [{figures['low']:+.6g}, {figures['high']:+.6g}])")  # fmt: skip
+    for metric, f in winner.get("test", {}).items():  # no interval from a single test record
+        interval = "n/a" if f["low"] is None else f"[{f['low']:+.6g}, {f['high']:+.6g}]"
+        tags[f"test.{metric}"] = (f"{f['winner']:.6g} (base {f['base']:.6g}, lift "
+                                  f"{f['lift']:+.6g} {interval})")  # fmt: skip
     return tags
 
 
@@ -307,6 +331,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _q(value: str) -> str:
+    """A value quoted for an MLflow search filter (a path may hold a single quote)."""
+    return f'"{value}"' if "'" in value else f"'{value}'"
 
 
 def _short(e: Exception) -> str:

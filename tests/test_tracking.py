@@ -50,9 +50,38 @@ def test_a_store_that_fails_later_is_one_warning_and_tracking_stops(nowhere, tmp
     spec = JobSpec(name="d", storage_path=str(tmp_path), stages=["data"],
                    data={"sources": ["corpus.jsonl"]})  # fmt: skip
     tracker = tracking.Tracker(MlflowClient(nowhere), nowhere, spec, str(tmp_path / "d"), "1", "p")
-    tracker.start_stage("data")
-    tracker.log_row("pretrain", {"step": 1, "kind": "train", "time": time.time(), "loss": 1.0})
-    tracker.end_stage("data", "FINISHED", {"records": 3})
+    tracker.stages["pretrain"] = "r"  # as if the store had answered until now
+    for step in range(1, 4):
+        tracker.log_row(
+            "pretrain", {"step": step, "kind": "train", "time": time.time(), "loss": 1.0}
+        )
+    assert len(tracker.rows) == 3  # held for the next batch, not queued as three requests
+    tracker.end_stage("pretrain", "FINISHED", {"step": 3})  # the batch finds the store gone
+    tracker.start_stage("tune")
+    tracker.log_row("pretrain", {"step": 4, "kind": "train", "time": time.time(), "loss": 1.0})
     tracker.finish("FINISHED")
-    assert not tracker.on
+    assert not tracker.on and tracker.rows == []
     assert len(warnings(capsys.readouterr().out)) == 1
+
+
+def test_submit_passes_on_a_tracking_uri_the_cluster_can_reach_and_never_credentials(
+    tmp_path, monkeypatch, capsys
+):
+    from llm_dist.base import UserError
+    from llm_dist.jobs import _tracking_uri
+
+    spec = JobSpec(name="d", storage_path=str(tmp_path), stages=["data"],
+                   data={"sources": ["corpus.jsonl"]})  # fmt: skip
+    assert _tracking_uri(spec, "http://head:8265") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert _tracking_uri(spec, "http://head:8265") == "http://mlflow.internal:5000"
+    spec.tracking.tracking_uri = "http://127.0.0.1:5000"  # the spec's own wins over the shell's
+    assert _tracking_uri(spec, "http://127.0.0.1:8265") == "http://127.0.0.1:5000"
+    assert _tracking_uri(spec, "http://head:8265") is None  # this machine's loopback: not there
+    assert "is on this machine, which the job's driver on the cluster cannot reach" in (
+        capsys.readouterr().out
+    )
+    spec.tracking.tracking_uri = "https://bob:secret@mlflow.internal"
+    with pytest.raises(UserError, match=r"tracking\.tracking_uri: it holds credentials") as e:
+        _tracking_uri(spec, "http://head:8265")
+    assert "secret" not in str(e.value)

@@ -20,11 +20,16 @@ from llm_dist.console import console
 from llm_dist.manifest import read_json
 
 
-def run_stage(spec, run: str, keep_serving: bool = False) -> dict:
-    """Deploy, ask the test prompt, then keep serving or stop; returns the stage's outputs."""
+def run_stage(spec, run: str, keep_serving: bool = False, tracker=None) -> dict:
+    """Deploy, ask the test prompt, then keep serving or stop; returns the stage's outputs.
+
+    `tracker` (`llm_dist.tracking.Tracker`) gets the endpoint as soon as it answers.
+    """
     from ray import serve
 
     outputs = deploy(spec, run)
+    if tracker:
+        tracker.served(outputs["url"])
     if not (keep_serving or spec.serve.keep_serving):
         serve.delete(spec.name)
         console.print(

@@ -143,9 +143,8 @@ def _follow(fit: threading.Thread, queue, total: int, tracker) -> None:
                TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
     every, next_line = max(1, total // 10), 0
     # the workers' output, which Ray prints through sys.stdout, stays where `capture` sends it
-    with Progress(
-        *columns, console=console, redirect_stdout=False, redirect_stderr=False
-    ) as progress:
+    with Progress(*columns, console=console, redirect_stdout=False, redirect_stderr=False,
+                  disable=VERBOSE.is_set()) as progress:  # fmt: skip
         task = progress.add_task("pretrain", total=total, info="starting workers")
         while fit.is_alive() or not queue.empty():
             try:

@@ -9,7 +9,7 @@ import contextlib
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from llm_dist.console import console
-from llm_dist.tracking import TRIAL
+from llm_dist.tracking import PARENT, TRIAL, _q, _short
 
 
 class TrialRuns(MLflowLoggerCallback):
@@ -29,13 +29,21 @@ class TrialRuns(MLflowLoggerCallback):
         try:
             yield
         except Exception as e:
-            console.print(f"[yellow]tracking: MLflow at {self.tracking_uri} failed ({e}); the "
+            console.print(f"[yellow]tracking: MLflow at {self.tracking_uri} failed ({_short(e)}); the "
                           "sweep goes on and its trials are no longer tracked[/]")  # fmt: skip
             self.on = False
 
     def log_trial_start(self, trial) -> None:
         if self.on:
             with self._guard():
+                if trial not in self._trial_runs:  # a resumed sweep: the trial's own run again
+                    found = self.mlflow_util._get_client().search_runs(
+                        [self.mlflow_util.experiment_id],
+                        f"tags.`{PARENT}` = {_q(self.tags[PARENT])} and "
+                        f"tags.`{TRIAL}` = {_q(trial.trial_id)}", max_results=1)  # fmt: skip
+                    if found:
+                        self._trial_runs[trial] = found[0].info.run_id
+                        self.mlflow_util._get_client().update_run(found[0].info.run_id, "RUNNING")
                 super().log_trial_start(trial)
                 self.mlflow_util._get_client().set_tag(
                     self._trial_runs[trial], TRIAL, trial.trial_id
