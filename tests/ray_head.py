@@ -74,7 +74,7 @@ def ray_head(
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):  # `ray start --block` can take
-            proc.wait(timeout=10)  # 30 s and more to go; nothing of it is kept
+            proc.wait(timeout=5)  # 30 s and more to go; nothing of it is kept
         with contextlib.suppress(ProcessLookupError):  # what outlived `ray start`'s own exit
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)

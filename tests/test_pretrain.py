@@ -249,8 +249,8 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(ray_session, corpus, tmp
 def test_killed_worker_restarts_and_consumes_each_id_once(ray_session, tmp_path):
     import psutil
 
-    corpus = write_corpus(tmp_path / "small.jsonl", MODULES[:5])
-    spec = spec_for(tmp_path, corpus, model={}, max_steps=60, eval_every=60, checkpoint_every=5,
+    corpus = write_corpus(tmp_path / "small.jsonl", MODULES[:3])
+    spec = spec_for(tmp_path, corpus, model={}, max_steps=32, eval_every=32, checkpoint_every=5,
                     max_failures=2)  # fmt: skip
     run = tmp_path / "p"
     outcome = {}
@@ -275,7 +275,7 @@ def test_killed_worker_restarts_and_consumes_each_id_once(ray_session, tmp_path)
     ledger = np.load(run / "pretrain" / "ledger" / "epoch-0000.npy")
     assert sorted(ledger[:, 1].tolist()) == ids  # every sequence of the epoch once, none twice
     result = json.loads((run / "pretrain" / "result.json").read_text())
-    assert result["step"] == 60 and result["epoch"] == 1  # 372 sequences: about 47 steps each
+    assert result["step"] == 32 and result["epoch"] == 1  # 205 sequences: about 26 steps each
     steps = ledger[:, 0]
     assert steps.min() == 1 and np.all(np.diff(np.unique(steps)) == 1)
 

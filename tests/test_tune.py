@@ -222,7 +222,7 @@ def test_optuna_sweep_survives_a_failing_trial(ray_session, tmp_path, task, base
     """Optuna (TPE) proposes the learning rates; one trial loses its worker and fails."""
     from ray.util.state import list_actors
 
-    spec = spec_for(tmp_path, task, base, search="optuna", scheduler="fifo", num_samples=3,
+    spec = spec_for(tmp_path, task, base, search="optuna", scheduler="fifo", num_samples=2,
                     method="lora", max_failures=0, max_concurrent_trials=1,
                     search_space={"lr": {"loguniform": [1e-4, 1e-2]}})  # fmt: skip
     run = tmp_path / "t"
@@ -248,7 +248,7 @@ def test_optuna_sweep_survives_a_failing_trial(ray_session, tmp_path, task, base
     assert killed
     table = results(run)
     assert [r["status"] for r in table].count("failed") == 1
-    assert [r["status"] for r in table].count("finished") == 2
+    assert [r["status"] for r in table].count("finished") == 1
     failed = next(r for r in table if r["status"] == "failed")
     assert failed["error"]  # the reason is recorded
     console = capsys.readouterr().out  # the failure and its reason reach the console
@@ -257,7 +257,7 @@ def test_optuna_sweep_survives_a_failing_trial(ray_session, tmp_path, task, base
     assert "· 1 failed" in line
     assert "(the whole traceback: " in console
     lrs = [float(r["lr"]) for r in table]
-    assert len(set(lrs)) == 3 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    assert len(set(lrs)) == 2 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
     assert winner["trial_id"] != failed["trial_id"]
     assert winner["trials"]["failed"] == 1
 
@@ -269,7 +269,7 @@ def test_a_sweep_stopped_by_sigterm_resumes(ray_session, tmp_path, task, base):
     from ray_head import cli_in_background, no_marked_process_within
 
     spec = spec_for(tmp_path, task, base, scheduler="fifo", method="lora", max_steps=10,
-                    max_concurrent_trials=1, search_space={"lr": {"grid": [1e-3, 3e-3]}})  # fmt: skip
+                    search_space={"lr": {"grid": [3e-3]}})  # fmt: skip
     run = tmp_path / "t"
     proc, mark, log = cli_in_background("tune", spec, tmp_path)
     deadline = time.monotonic() + 300
@@ -289,13 +289,10 @@ def test_a_sweep_stopped_by_sigterm_resumes(ray_session, tmp_path, task, base):
 
     winner = run_stage(spec, str(run), resume=True)
     table = results(run)
-    assert [r["status"] for r in table] == ["finished", "finished"]
-    events = []
-    for r in table:
-        lines = (run / "tune" / "trials" / r["trial_id"] / "metrics.jsonl").read_text()
-        events += [row.get("event") for row in map(json.loads, lines.splitlines())]
+    assert [r["status"] for r in table] == ["finished"]
+    lines = (run / "tune" / "trials" / winner["trial_id"] / "metrics.jsonl").read_text()
+    events = [row.get("event") for row in map(json.loads, lines.splitlines())]
     assert "resumed" in events  # the interrupted trial went on from its checkpoint
-    assert winner["trial_id"] in {r["trial_id"] for r in table}
 
 
 @pytest.mark.slow
