@@ -61,7 +61,7 @@ def test_a_classification_sweep_decides_on_val_accuracy(ray_session, tmp_path, l
     from llm_dist.finetune.scores import lift
     from llm_dist.tune.winner import test_outcome
 
-    tune = {"base_model": tiny_base, "max_steps": 10, "eval_every": 5, "micro_batch_size": 8,
+    tune = {"base_model": tiny_base, "max_steps": 20, "eval_every": 5, "micro_batch_size": 8,
             "task": {"sources": [labelled[0]], "format": "classify", "labels": labelled[1],
                      "val_fraction": 0.15, "test_fraction": 0.2},
             "metric": "val_accuracy", "scheduler": "asha", "grace_period": 1, "reduction_factor": 3,
@@ -91,7 +91,7 @@ def test_a_classification_sweep_decides_on_val_accuracy(ray_session, tmp_path, l
     with open(run / "tune" / "results.csv") as f:
         table = [r for r in csv.DictReader(f) if r["trial_id"] != "base"]
     (good,), (bad,) = ([r for r in table if float(r["lr"]) == lr] for lr in (3e-3, 1e-6))
-    assert (good["status"], good["step"], bad["status"], bad["step"]) == ("finished", "10", "stopped early", "5")  # fmt: skip
+    assert (good["status"], good["step"], bad["status"], bad["step"]) == ("finished", "20", "stopped early", "5")  # fmt: skip
     assert evals[bad["trial_id"]][5]["val_accuracy"] < evals[good["trial_id"]][5]["val_accuracy"]
     assert winner["trial_id"] == good["trial_id"] and winner["mode"] == "max"
     # the test figures, once each, reproduced from the export
