@@ -278,6 +278,10 @@ def test_killed_worker_restarts_and_consumes_each_id_once(ray_session, tmp_path)
     assert result["step"] == 32 and result["epoch"] == 1  # 205 sequences: about 26 steps each
     steps = ledger[:, 0]
     assert steps.min() == 1 and np.all(np.diff(np.unique(steps)) == 1)
+    # checkpointing is not training speed: the row after a checkpoint (every 5 steps) is as fast
+    speed = {r["step"]: r["tokens_per_s"] for r in rows(run, "train") if r["data_wait"] < 0.5}
+    after = [v for step, v in speed.items() if step % 5 == 1 and step > 1]
+    assert np.median(after) > 0.7 * np.median(list(speed.values())), speed
 
 
 def test_object_storage_run_checkpoints_resumes_and_exports(ray_session, s3_server, corpus):

@@ -152,6 +152,7 @@ def train_loop(config: dict) -> None:
                     "bad_steps": state["bad_steps"], "max_steps": p.max_steps,
                 })  # fmt: skip
                 started, window = time.perf_counter(), np.zeros(4)
+            paused = time.perf_counter()  # evaluating and checkpointing are not training speed
             if step % p.eval_every == 0 or step == p.max_steps:
                 scores = validate()
                 _write(logs, step, "eval", {**scores, "val_ppl": math.exp(scores["val_loss"])})
@@ -160,6 +161,7 @@ def train_loop(config: dict) -> None:
                                          _reported(state, scores))  # fmt: skip
                 _note(logs, {"event": "checkpoint", "step": step, "checkpoint": folder})
                 logs and logs.publish()
+            started += time.perf_counter() - paused
             if step == p.max_steps:
                 break
         else:  # the epoch ran out before max_steps: record what it consumed, start the next
