@@ -166,11 +166,10 @@ class Tracker:
             self._copy(run_id, self.run, ["winner.json"])
             self._copy(run_id, f"{self.run}/tune", ["results.csv"])
             self._trials(outputs)
-            self._register(outputs)
 
     def _trials(self, winner: dict) -> None:
-        """Each trial run gets the status results.csv gives it (finished, stopped early...), and
-        what its folder holds."""
+        """Each trial run gets the status results.csv gives it (finished, stopped early...) and
+        what its folder holds; the winner's export is registered from its run."""
         import pyarrow.csv as pcsv
 
         from llm_dist.manifest import filesystem
@@ -178,15 +177,24 @@ class Tracker:
         filesys, path = filesystem(winner["results"])
         with filesys.open_input_stream(path) as f:
             rows = pcsv.read_csv(f).to_pylist()
+        runs, token = {}, None  # trial id -> its run, the newest where a trial has several
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], f"tags.`{PARENT}` = {_q(self.stages['tune'])}",
+                max_results=1000, order_by=["attributes.start_time DESC"], page_token=token)  # fmt: skip
+            for found in page:
+                runs.setdefault(found.data.tags.get(TRIAL), found.info.run_id)
+            if not (token := page.token):
+                break
         for row in rows:
-            run_id = self._find(f"tags.`{PARENT}` = {_q(self.stages['tune'])} and "
-                                f"tags.`{TRIAL}` = {_q(row['trial_id'])}")  # fmt: skip
-            if run_id:
+            if run_id := runs.get(row["trial_id"]):
                 self.client.set_tag(run_id, "llm_dist.status", row["status"])
                 self.client.set_tag(run_id, "llm_dist.winner", str(row["trial_id"] == winner["trial_id"]).lower())  # fmt: skip
                 self._trial_rows(
                     run_id, f"{self.run}/tune/trials/{row['trial_id']}", winner["metric"]
                 )
+        if run_id := runs.get(winner["trial_id"]):
+            self._register(winner, run_id)
 
     def _trial_rows(self, run_id: str, folder: str, metric: str) -> None:
         """A trial's training rows, the evaluations Tune did not hand over as they came (a final
@@ -213,19 +221,16 @@ class Tracker:
                 self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
             self.client.log_text(run_id, text, "metrics.jsonl")
 
-    def _register(self, winner: dict) -> None:
-        """The winner's export, as a new version of the registered model, tagged with lineage."""
+    def _register(self, winner: dict, run_id: str) -> None:
+        """The winner's export, as a new version of the registered model, tagged with lineage,
+        from the winner's trial run `run_id`."""
         from mlflow.exceptions import MlflowException
 
         from llm_dist.manifest import local_folder
 
-        run_id = self._find(f"tags.`{PARENT}` = {_q(self.stages['tune'])} and "
-                            f"tags.`{TRIAL}` = {_q(winner['trial_id'])}")  # fmt: skip
         name = self.spec.tracking.registered_model_name or self.spec.name
-        if run_id is None or self.client.search_model_versions(
-            f"name = {_q(name)} and run_id = {_q(run_id)}"
-        ):  # a rerun of a finished sweep does not register its winner again
-            return
+        if self.client.search_model_versions(f"name = {_q(name)} and run_id = {_q(run_id)}"):
+            return  # a rerun of a finished sweep does not register its winner again
         self.client.log_artifacts(run_id, local_folder(winner["export"]), "model")
         try:
             self.client.create_registered_model(name)
