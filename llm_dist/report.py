@@ -184,6 +184,11 @@ def _tune(run: str, manifest: dict, winner: dict) -> str:
     if winner.get("trial_id"):
         text += f" Winner: trial {html.escape(str(winner['trial_id']))}."
     text += "</p>" + ("" if table else _missing("no tune/results.csv: the sweep runs or failed"))
+    if counts := winner.get("task_data"):  # records left out of the task data, by reason
+        split = ", ".join(f"{s} {_fmt(n)}" for s, n in (counts.get("sequences") or {}).items())
+        left = ", ".join(f"{r} {_fmt(n)}" for r, n in (counts.get("unusable") or {}).items())
+        line = f"Task data: {_fmt(counts.get('records'))} records; sequences {split}; left out: {left or 'none'}."  # fmt: skip
+        text += f"<p>{html.escape(line)}</p>"
     fig = _figure(height=4)
     ax = fig.subplots()
     for row in sorted(trials, key=lambda r: str(r["trial_id"])):

@@ -83,6 +83,8 @@ def test_report_of_a_full_run(tmp_path):
                  "rouge_l": {"winner": 0.12, "base": 0.05, "lift": 0.07, "low": 0.02,
                              "high": 0.125}},
         "test_records": 256,
+        "task_data": {"records": 4659, "sequences": {"train": 4098, "val": 271, "test": 256},
+                      "unusable": {"too_long": 34}},
         "lineage": {"base_model": "/runs/demo/pretrain/export", "task_sources": ["t.jsonl"],
                     "pretrain": {"step": 20, "tokens": 40960}},
     }  # fmt: skip
@@ -101,6 +103,8 @@ def test_report_of_a_full_run(tmp_path):
     stopped = re.search(r"<tr><td>t_00001</td>.*?</tr>", page)
     assert stopped and "<td>stopped early</td>" in stopped.group()
     assert "Winner: trial t_00000" in page
+    assert ("Task data: 4,659 records; sequences train 4,098, val 271, test 256; left out: "
+            "too_long 34.") in page  # fmt: skip
     assert "<td>bad</td><td>bad_utf8</td><td>3</td>" in page
     assert "<td>dropped</td><td>duplicate</td><td>7</td>" in page
     assert "<td>empty</td>" not in page  # a zero count is no reason

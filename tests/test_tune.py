@@ -137,6 +137,7 @@ def tracked_in_mlflow(uri: str, run: Path, table: list[dict], winner: dict) -> N
     assert tune.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert tune.data.params["tune.scheduler"] == "asha"
     assert tune.data.metrics["test.loss.lift"] == pytest.approx(winner["test"]["loss"]["lift"])
+    assert tune.data.metrics["task_data.records"] == winner["task_data"]["records"]
     assert {a.path for a in client.list_artifacts(tune.info.run_id)} >= {
         "results.csv",
         "winner.json",

@@ -81,6 +81,8 @@ def pick_winner(spec, run: str, results, base: str, task: dict, seconds: float) 
         "trials": {s: sum(r["status"] == s for r in rows)
                    for s in ("finished", "stopped early", "failed")},
         "results": f"{run}/tune/results.csv",
+        # what the trials trained and were scored on, and what was left out (and why)
+        "task_data": {k: task.get(k) for k in ("records", "sequences", "unusable")},
         "sweep_seconds": round(seconds, 1),
         "scoring_seconds": round(time.perf_counter() - start, 1),
         "lineage": _lineage(spec, run, base, task),
