@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
         if name not in ("validate", "submit"):
             p.add_argument("--verbose", action="store_true",
                            help="show everything Ray, Tune, torch and the workers print (by default "
-                                "it goes to <run>/logs/llm-dist.log) and every metrics row")  # fmt: skip
+                                "it goes to the run's log file, in its logs folder) and every metrics row")  # fmt: skip
         return p
 
     spec_verb("validate", "check a job spec and report every problem in it").add_argument(
@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     spec_verb("submit", "submit the spec to a Ray cluster through the Ray Jobs API").add_argument(
         "--address", required=True, help="the cluster's dashboard address, e.g. http://HEAD:8265"
     )
-    report = verbs.add_parser("report", help="write a run's report.html (plots, lineage, results)",
-                              description="write <RUN>/report.html: self-contained, viewable offline")  # fmt: skip
+    report = verbs.add_parser("report", help="write a run's HTML report (plots, lineage, results)",
+                              description="write the run's HTML report into its folder: one "
+                                          "self-contained file, viewable offline")  # fmt: skip
     report.add_argument("run", metavar="RUN", help="the run folder, e.g. runs/quickstart")
     for name, help in (("status", "show a submitted job's status"),
                        ("logs", "print a submitted job's logs"),
@@ -119,10 +120,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.verb == "report":
         from llm_dist.report import write_report
+        from llm_dist.run_folder import RunFolder
 
         run = args.run if "://" in args.run else os.path.abspath(args.run)
-        if "://" not in run and not os.path.isfile(f"{run}/manifest.json"):
-            raise UserError(f"RUN: {args.run} is not a run folder (it has no manifest.json)")
+        manifest = RunFolder(run).manifest
+        if "://" not in run and not os.path.isfile(manifest):
+            name = os.path.basename(manifest)
+            raise UserError(f"RUN: {args.run} is not a run folder (it has no {name})")
         print(f"report: {write_report(run)}")
         return 0
     if args.verb == "data" and args.data_verb == "stdlib":
@@ -147,7 +151,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from llm_dist import pipeline
     from llm_dist.console import capture, console
-    from llm_dist.manifest import run_uri
+    from llm_dist.run_folder import run_uri
 
     stages = {"run": None, "data": ["data"]}.get(args.verb, [args.verb])
     with capture(run_uri(spec), args.verbose) as log:

@@ -33,13 +33,16 @@ def capture(run: str, verbose: bool = False):
         VERBOSE.set()
         yield None
         return
+    from llm_dist.run_folder import RunFolder
+
+    folder = RunFolder(run)
     remote = "://" in run
     if remote:  # a local file of this user's own, uploaded at the end
-        name = f"llm-dist-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        target = f"{folder.logs}/llm-dist-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log, path = tempfile.mkstemp(prefix="llm-dist-", suffix=".log")
     else:
-        os.makedirs(f"{run}/logs", exist_ok=True)
-        path = f"{run}/logs/llm-dist.log"
+        os.makedirs(folder.logs, exist_ok=True)
+        path = folder.log_file
         log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -50,7 +53,7 @@ def capture(run: str, verbose: bool = False):
     os.dup2(log, 1)
     os.dup2(log, 2)
     try:
-        yield f"{run}/logs/{name}" if remote else path
+        yield target if remote else path
     except BaseException:
         import traceback
 
@@ -67,12 +70,9 @@ def capture(run: str, verbose: bool = False):
         terminal.close()
         if remote:
             with contextlib.suppress(Exception):  # the run's outcome does not hang on its log
-                from pyarrow import fs
+                from llm_dist.storage import copy
 
-                from llm_dist.manifest import filesystem
-
-                filesys, target = filesystem(f"{run}/logs/{name}")
-                fs.copy_files(path, target, destination_filesystem=filesys)
+                copy(path, target)
                 os.remove(path)
 
 

@@ -89,7 +89,7 @@ def build(cfg: ModelConfig, tokenizer):
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     from llm_dist.base import UserError
-    from llm_dist.manifest import local_folder
+    from llm_dist.storage import local_folder
 
     special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
@@ -127,9 +127,9 @@ def check_folder(uri: str, field: str):
     """
     from llm_dist.base import UserError
     from llm_dist.data.tokenizer import load
-    from llm_dist.manifest import local_folder, read_json
+    from llm_dist.storage import exists, local_folder
 
-    if read_json(uri, "config.json") is None:
+    if not exists(f"{uri}/config.json"):
         raise UserError(f"{field}: {uri!r} is not a Hugging Face model folder (no "
                         "config.json); name a folder saved with save_pretrained")  # fmt: skip
     local = local_folder(uri)  # a copy, for object storage: transformers reads local files

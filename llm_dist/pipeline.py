@@ -1,12 +1,12 @@
 """Runs the stages a spec names, in order, recording each one in the run manifest."""
 
-from llm_dist.manifest import read_json, start_run, update_stage
-from llm_dist.tracking import start as start_tracking
+from llm_dist.run_folder import RunFolder
+from llm_dist.tracking.tracker import start as start_tracking
 
 
 def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bool = False,
-              tracker=None) -> dict:  # fmt: skip
-    """Run one stage of `spec` in the run folder `run`; returns its outputs for the manifest.
+              tracker=None):  # fmt: skip
+    """Run one stage of `spec` in the run folder `run`; returns its record (`llm_dist.records`).
 
     `resume` continues an interrupted tune sweep; `keep_serving` keeps the served model up;
     `tracker` (a `tracking.Tracker`) gets pretraining's rows, the trials' runs and the served
@@ -35,42 +35,53 @@ def run(spec, stages: list[str] | None = None, resume: bool = False,
         keep_serving: bool = False) -> str:  # fmt: skip
     """Run `stages` (default: the spec's own list); returns the run folder.
 
-    On a cluster that no autoscaler grows, the workers of training stages not yet done are
-    checked to fit before any stage runs: the stages ahead of them (data) may take hours.
+    Before anything is written, the results these stages would reuse are checked to be made
+    from this spec (`reuse.check_run`). On a cluster that no autoscaler grows, the workers of
+    training stages not yet done are checked to fit before any stage runs: the stages ahead of
+    them (data) may take hours.
     """
-    folder = start_run(spec)
+    from llm_dist.reuse import check_run
+
+    folder = RunFolder.of(spec)
     stages = stages or spec.stages
+    fingerprint = None
+    if "pretrain" in stages:  # what pretraining would be made from now
+        from llm_dist.data.prepare import current_fingerprint
+
+        fingerprint = current_fingerprint(spec)
+    check_run(spec, folder, stages, resume, fingerprint)
+    folder.start(spec)
     if {"pretrain", "tune"} & set(stages[1:]) and spec.cluster.address:
         from llm_dist.cluster import autoscaling, connect
 
         connect(spec)
         if not autoscaling(spec):
-            if "pretrain" in stages and read_json(f"{folder}/pretrain", "result.json") is None:
+            if "pretrain" in stages and folder.pretrain.read_result() is None:
                 from llm_dist.train.run import ensure_workers_fit
 
                 ensure_workers_fit(spec)
-            if "tune" in stages and read_json(folder, "winner.json") is None:
+            if "tune" in stages and folder.read_winner() is None:
                 from llm_dist.tune.run import ensure_trials_fit
 
                 ensure_trials_fit(spec)
-    tracker = start_tracking(spec, folder)
+    tracker = start_tracking(spec, folder.uri)
     for stage in stages:
-        update_stage(folder, stage, "running")
+        folder.update_stage(stage, "running")
         try:
             if tracker:
                 tracker.start_stage(stage)
-            outputs = run_stage(spec, stage, folder, resume, keep_serving, tracker)
+            outputs = run_stage(spec, stage, folder.uri, resume, keep_serving, tracker)
         except BaseException as e:
             interrupted = isinstance(e, KeyboardInterrupt)
-            update_stage(folder, stage, "interrupted" if interrupted else "failed",
-                         error=f"{type(e).__name__}: {e}")  # fmt: skip
+            folder.update_stage(stage, "interrupted" if interrupted else "failed",
+                                error=f"{type(e).__name__}: {e}")  # fmt: skip
             if tracker:
                 tracker.end_stage(stage, "KILLED" if interrupted else "FAILED", None)
                 tracker.finish("KILLED" if interrupted else "FAILED")
             raise
-        update_stage(folder, stage, "succeeded", outputs=outputs)
+        folder.update_stage(stage, "succeeded", outputs=outputs)
         if tracker:
             tracker.end_stage(stage, "FINISHED", outputs)
     if tracker:
         tracker.finish("FINISHED")
-    return folder
+    return folder.uri

@@ -16,7 +16,7 @@ from llm_dist.cluster import ClusterConfig
 from llm_dist.data.config import DataConfig
 from llm_dist.model import ModelConfig
 from llm_dist.serve.config import ServeConfig, positions_of, vllm_context_problem
-from llm_dist.tracking import TrackingConfig
+from llm_dist.tracking.config import TrackingConfig
 from llm_dist.train.config import PretrainConfig
 from llm_dist.tune.config import TuneConfig
 
@@ -26,8 +26,8 @@ STAGES = ("data", "pretrain", "tune", "serve")
 class JobSpec(Section):
     """One run: a name, where its outputs go, the stages to run, and a section per stage."""
 
-    name: str = "run"
-    """Run name: the run's folder under storage_path (letters, digits, `.`, `_`, `-`)."""
+    name: str | None = None
+    """Run name: the run's folder under storage_path (letters, digits, `.`, `_`, `-`); empty: `run-<your user name>`, so that two people who share a storage_path do not share a run by accident."""
     storage_path: str = "./runs"
     """Where runs live: a local folder, or s3://bucket/prefix or gs://bucket/prefix."""
     stages: list[Literal["data", "pretrain", "tune", "serve"]] = Field(
@@ -51,7 +51,9 @@ class JobSpec(Section):
 
     @field_validator("name")
     @classmethod
-    def _name(cls, v: str) -> str:
+    def _name(cls, v: str | None) -> str:
+        if v is None:
+            v = default_name()
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v):
             raise ValueError(
                 f"name: {v!r} is not a folder name; use letters, digits, '.', '_' or '-'"
@@ -104,6 +106,19 @@ class JobSpec(Section):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+
+def default_name() -> str:
+    """`run-<user name>`, the name a spec without one runs under (the user's login, made a
+    folder name; `run` where the system knows no user)."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's uid without a passwd entry
+        user = ""
+    user = re.sub(r"[^A-Za-z0-9._-]", "_", user)[:90]
+    return f"run-{user}" if user else "run"
 
 
 def _served_positions(spec: JobSpec) -> tuple[int | None, str]:

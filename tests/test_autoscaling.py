@@ -80,7 +80,7 @@ def test_a_sweep_on_a_cpu_less_head_adds_nodes_runs_there_and_they_go_when_idle(
     import boto3
     from transformers import AutoModelForCausalLM
 
-    from llm_dist.manifest import filesystem, local_folder, read_json
+    from llm_dist.storage import filesystem, local_folder, read_json
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     for key, value in S3_ENV.items():
@@ -110,7 +110,7 @@ def test_a_sweep_on_a_cpu_less_head_adds_nodes_runs_there_and_they_go_when_idle(
     assert len(workers) >= 2  # one per trial, each on an added node
     assert {w["node_id"] for w in workers} <= {n["node_id"] for n in added}
 
-    winner = read_json("s3://sweeps/runs/auto", "winner.json")
+    winner = read_json("s3://sweeps/runs/auto/winner.json")
     assert winner["export"].startswith("s3://sweeps/runs/auto/tune/")
     s3, path = filesystem("s3://sweeps/runs/auto/tune/results.csv")
     with s3.open_input_stream(path) as f:

@@ -59,7 +59,7 @@ def test_a_classification_sweep_decides_on_val_accuracy(ray_session, tmp_path, l
     and ASHA stops it at its first rung on val_accuracy."""
     from llm_dist.finetune.evaluate import task_of
     from llm_dist.finetune.scores import lift
-    from llm_dist.tune.winner import test_outcome
+    from llm_dist.tune.winner import outcome_on_test
 
     tune = {"base_model": tiny_base, "max_steps": 20, "eval_every": 5, "micro_batch_size": 8,
             "task": {"sources": [labelled[0]], "format": "classify", "labels": labelled[1],
@@ -71,7 +71,7 @@ def test_a_classification_sweep_decides_on_val_accuracy(ray_session, tmp_path, l
                    pretrain={"precision": "fp32", "zero_stage": 2, "log_every": 5}, tune=tune)  # fmt: skip
     assert spec.tune.mode == "max" and spec.tune.task.metrics == ["accuracy", "f1_macro"]
     run = tmp_path / "c"
-    winner = run_stage(spec, str(run))
+    winner = run_stage(spec, str(run)).model_dump(mode="json")
 
     prepared = winner["lineage"]["task_prepared"]
     done = json.loads(Path(prepared, "prepared.json").read_text())
@@ -97,7 +97,7 @@ def test_a_classification_sweep_decides_on_val_accuracy(ray_session, tmp_path, l
     assert winner["trial_id"] == good["trial_id"] and winner["mode"] == "max"
     # the test figures, once each, reproduced from the export
     assert list(winner["test"]) == ["loss", "accuracy", "f1_macro"]
-    again = test_outcome(winner["export"], prepared, 8, task_of(spec, prepared))
+    again = outcome_on_test(winner["export"], prepared, 8, task_of(spec, prepared))
     assert set(again["labels"]) == {0, 1} and len(again["labels"]) == winner["test_records"]
     for metric, v in winner["test"].items():
         assert lift(metric, again, again)["winner"] == pytest.approx(v["winner"], rel=1e-4)

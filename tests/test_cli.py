@@ -144,6 +144,16 @@ def test_report_writes_the_report_of_a_run_folder_and_refuses_other_folders(tmp_
     assert out.returncode == 2
     assert f"RUN: {tmp_path} is not a run folder (it has no manifest.json)" in out.stderr
     (tmp_path / "manifest.json").write_text(json.dumps({"name": "r", "stages": {}}))
+    out = cli("report", str(tmp_path))  # a run folder of llm-dist 0.1.0's loose records
+    assert out.returncode == 2
+    assert (
+        f"{tmp_path}: a run folder of records version 1 (written by llm-dist unknown)" in out.stderr
+    )
+    assert not (tmp_path / "report.html").exists()
+    manifest = {"records_version": 2, "name": "r", "created_at": "2026-01-01T00:00:00+0000",
+                "started_at": "2026-01-01T00:00:00+0000", "spec": {}, "versions": {}, "host": {},
+                "stages": {}}  # fmt: skip
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     out = cli("report", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"report: {tmp_path}/report.html\n"

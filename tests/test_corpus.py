@@ -169,3 +169,10 @@ def test_stdlib_corpus(tmp_path):
     assert [system["role"], user["role"], assistant["role"]] == ["system", "user", "assistant"]
     assert user["content"].startswith(("def ", "async def ")) and user["content"].endswith("):")
     assert assistant["content"]
+    # collected again, the same content leaves the files alone: their fingerprint holds
+    files = sorted(tmp_path.iterdir())
+    before = [(p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
+    (tmp_path / "stdlib_packages.jsonl").write_text("stale\n")
+    assert collect(tmp_path) == counts
+    after = [(p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(tmp_path.iterdir())]
+    assert after[:2] == before[:2] and after[2][1] != before[2][1]  # only the stale one made anew

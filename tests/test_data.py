@@ -1,12 +1,15 @@
 """The data stage on a real local Ray: counts, quarantine, tokenizer, packing, splits, reuse, feeding."""
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import NASTY_BAD, write_nasty
 
 from llm_dist.base import UserError
@@ -44,11 +47,11 @@ def nasty_run(ray_session, tmp_path_factory):
 def test_counts_and_quarantine(nasty_run):
     """Every bad record and damaged file's rest is listed; every readable record is kept."""
     _, stats, run, kept = nasty_run
-    assert stats["bad"] == NASTY_BAD
-    assert stats["dropped"] == {"empty": 2}
+    assert stats.bad == NASTY_BAD
+    assert stats.dropped == {"empty": 2}
     # nasty, more, notes (txt is one document per file by default), table, bom, cut, broken
-    assert stats["records"] == 32 + 19 + 1 + 10 + 5 + (kept + 1) + 6
-    assert stats["documents"] == 21 + 19 + 1 + 10 + 5 + kept + 5
+    assert stats.records == 32 + 19 + 1 + 10 + 5 + (kept + 1) + 6
+    assert stats.documents == 21 + 19 + 1 + 10 + 5 + kept + 5
     lines = [json.loads(x) for x in Path(run, "data", "quarantine.jsonl").read_text().splitlines()]
     assert Counter(x["reason"] for x in lines) == Counter(NASTY_BAD)
     where = {(Path(x["source"]).name, x["line"]) for x in lines}
@@ -74,13 +77,32 @@ def test_too_many_bad_records_fail_and_nothing_is_lost(ray_session, tmp_path):
     assert not (prepared / "prepared.json").exists()  # never reused as if it were whole
 
 
+def test_reused_data_under_a_stricter_budget_stops_with_exit_2(nasty_run, tmp_path):
+    """The error budget is the spec's: data prepared earlier under a looser one is refused
+    too, and stays whole for the run that made it."""
+    spec, stats, _, _ = nasty_run
+    stricter = spec.model_copy(
+        update={"data": spec.data.model_copy(update={"max_bad_fraction": 0.01})}
+    )
+    stricter = stricter.model_copy(update={"storage_path": spec.storage_path, "name": "strict"})
+    path = tmp_path / "strict.yaml"
+    path.write_text(yaml.safe_dump(stricter.model_dump(mode="json")))
+    out = subprocess.run([sys.executable, "-m", "llm_dist.cli", "data", "prepare", str(path)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert (f"data: 11 of {stats.records} records are bad ({11 / stats.records:.2%} > "
+            "data.max_bad_fraction 0.01)") in out.stderr  # fmt: skip
+    assert Path(stats.prepared, "prepared.json").exists()  # nothing of the looser run is lost
+    assert prepare(spec).reused
+
+
 def test_tokenizer_reloads_offline(nasty_run, monkeypatch):
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _, stats, run, _ = nasty_run
     tok = AutoTokenizer.from_pretrained(str(Path(run, "data", "tokenizer")))
-    assert len(tok) == stats["vocab_size"] == 300
+    assert len(tok) == stats.vocab_size == 300
     assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("<|endoftext|>", "<|pad|>", "<|bos|>")
     text = "document 0042 says word13 — café ✓"
     assert tok.decode(tok(text)["input_ids"]) == text  # byte-level: any text round-trips
@@ -107,12 +129,12 @@ def test_packing_matches_plain_tokenization(nasty_run):
     width = spec.data.seq_len + 1
     all_ids = []
     for split in SPLITS:
-        got = windows(stats["prepared"], split)
+        got = windows(stats.prepared, split)
         all_ids += list(got)
-        assert stats["sequences"][split] == len(got)
-        assert stats["tokens"][split] == sum(expected[split].values())
-        assert stats["tokens"][split] == len(got) * width + stats["remainder"][split]
-        assert stats["remainder"][split] < width
+        assert stats.sequences[split] == len(got)
+        assert stats.tokens[split] == sum(expected[split].values())
+        assert stats.tokens[split] == len(got) * width + stats.remainder[split]
+        assert stats.remainder[split] < width
         seen = Counter(t for w in got.values() for t in w.tolist())
         assert not seen - expected[split]  # nothing duplicated, nothing invented
     assert sorted(all_ids) == list(range(len(all_ids)))  # dense, unique global ids
@@ -132,13 +154,13 @@ def test_splits_are_disjoint_by_document(ray_session, tmp_path):
     tok = AutoTokenizer.from_pretrained(f"{stats['prepared']}/tokenizer")
     markers = {}
     for split in SPLITS:
-        text = tok.decode(np.concatenate(list(windows(stats["prepared"], split).values())))
+        text = tok.decode(np.concatenate(list(windows(stats.prepared, split).values())))
         markers[split] = set(re.findall(r"m(\d{4})x", text))
     assert not markers["train"] & markers["val"]
     assert not markers["train"] & markers["test"]
     assert not markers["val"] & markers["test"]
     assert len(set().union(*markers.values())) >= 300 - 3  # only a remainder may hide a doc
-    assert 10 <= stats["docs"]["val"] <= 50 and 10 <= stats["docs"]["test"] <= 50
+    assert 10 <= stats.docs["val"] <= 50 and 10 <= stats.docs["test"] <= 50
 
 
 def test_fingerprint_reuse_and_invalidation(ray_session, tmp_path):
@@ -147,15 +169,15 @@ def test_fingerprint_reuse_and_invalidation(ray_session, tmp_path):
     spec = spec_for(tmp_path / "runs", [str(src)])
     first = prepare(spec)
     again = prepare(spec)
-    assert (first["reused"], again["reused"]) == (False, True)
-    assert again["prepared"] == first["prepared"]
+    assert (first.reused, again.reused) == (False, True)
+    assert again.prepared == first.prepared
     other = prepare(spec_for(tmp_path / "runs", [str(src)], seq_len=16))
-    assert not other["reused"] and other["prepared"] != first["prepared"]
+    assert not other.reused and other.prepared != first.prepared
     with src.open("a") as f:
         f.write(json.dumps({"text": "one more document"}) + "\n")
     changed = prepare(spec)
-    assert not changed["reused"] and changed["prepared"] != first["prepared"]
-    assert changed["documents"] == first["documents"] + 1
+    assert not changed.reused and changed.prepared != first.prepared
+    assert changed.documents == first.documents + 1
 
 
 def test_deterministic_under_a_seed(ray_session, tmp_path):
@@ -167,14 +189,14 @@ def test_deterministic_under_a_seed(ray_session, tmp_path):
     b = prepare(spec_for(tmp_path / "b", [str(src)]))
     c = prepare(spec_for(tmp_path / "c", [str(src)], seed=1))
     for split in SPLITS:
-        wa, wb = windows(a["prepared"], split), windows(b["prepared"], split)
+        wa, wb = windows(a.prepared, split), windows(b.prepared, split)
         assert wa.keys() == wb.keys()
         assert all(np.array_equal(wa[i], wb[i]) for i in wa)
     assert (
-        Path(a["tokenizer"], "tokenizer.json").read_text()
-        == Path(b["tokenizer"], "tokenizer.json").read_text()
+        Path(a.tokenizer, "tokenizer.json").read_text()
+        == Path(b.tokenizer, "tokenizer.json").read_text()
     )
-    assert c["docs"] != a["docs"]  # another seed, another split of the documents
+    assert c.docs != a.docs  # another seed, another split of the documents
 
 
 def test_worker_shards_disjoint_cover_all_and_skip_consumed(ray_session, nasty_run, tmp_path):
@@ -185,7 +207,7 @@ def test_worker_shards_disjoint_cover_all_and_skip_consumed(ray_session, nasty_r
     from llm_dist.data.feed import epoch_batches, split_dataset
 
     _, stats, _, _ = nasty_run
-    all_ids = set(windows(stats["prepared"], "train"))
+    all_ids = set(windows(stats.prepared, "train"))
     consumed = sorted(all_ids)[::3]
     out = tmp_path / "seen"
     out.mkdir()
@@ -194,7 +216,7 @@ def test_worker_shards_disjoint_cover_all_and_skip_consumed(ray_session, nasty_r
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")
-        ids = [int(i) for b in epoch_batches(shard, 1, seed=0, epoch=0) for i in b["id"]]
+        ids = [int(i) for b in epoch_batches(shard, 1, seed=0, epoch=0) for i in b.id]
         rank = ray.train.get_context().get_world_rank()
         Path(config["out"], f"{rank}.json").write_text(json.dumps(ids))
 
@@ -202,7 +224,7 @@ def test_worker_shards_disjoint_cover_all_and_skip_consumed(ray_session, nasty_r
         loop,
         train_loop_config={"out": str(out)},
         scaling_config=ScalingConfig(num_workers=2),
-        datasets={"train": split_dataset(stats["prepared"], "train", exclude_ids=consumed)},
+        datasets={"train": split_dataset(stats.prepared, "train", exclude_ids=consumed)},
         run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="feed"),
     )
     trainer.fit()
@@ -225,13 +247,13 @@ def test_object_storage_sources_and_output(ray_session, s3_server, tmp_path):
         s3.upload_file(str(f), "llm", f"corpus/{f.name}")
     spec = spec_for("s3://llm/runs", ["s3://llm/corpus/"])  # type: ignore[arg-type]
     stats = run_stage(spec, "s3://llm/runs/d")
-    assert stats["bad"] == NASTY_BAD and stats["documents"] == 21 + 19 + 1 + 10 + 5 + 12 + 5
-    assert stats["prepared"].startswith("s3://llm/runs/prepared/")
+    assert stats.bad == NASTY_BAD and stats.documents == 21 + 19 + 1 + 10 + 5 + 12 + 5
+    assert stats.prepared.startswith("s3://llm/runs/prepared/")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="llm", Prefix="runs/")["Contents"]}
-    prefix = stats["prepared"].removeprefix("s3://llm/")
+    prefix = stats.prepared.removeprefix("s3://llm/")
     assert {f"{prefix}/prepared.json", f"{prefix}/train/part-00000.parquet",
             f"{prefix}/tokenizer/tokenizer.json", "runs/d/data/quarantine.jsonl"} <= keys  # fmt: skip
-    assert prepare(spec)["reused"]  # the fingerprint of s3 objects (size, mtime) holds
+    assert prepare(spec).reused  # the fingerprint of s3 objects (size, mtime) holds
     local = prepare(spec_for(tmp_path / "runs", [str(tmp_path / "corpus")]))
     for split in SPLITS:  # the same windows as reading the same files locally
         remote = pq.read_table(f"{stats['prepared']}/{split}")["tokens"].to_pylist()
@@ -244,15 +266,13 @@ def test_dedup_keeps_the_first_copy_with_a_given_tokenizer(ray_session, nasty_ru
     texts = [f"unique document {i} " * 4 for i in range(30)]
     texts += [*texts[:5], "unique document 3 " * 4]  # 6 copies of earlier documents
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    spec = spec_for(
-        tmp_path / "runs", [str(src)], dedup=True, tokenizer={"path": first["tokenizer"]}
-    )
+    spec = spec_for(tmp_path / "runs", [str(src)], dedup=True, tokenizer={"path": first.tokenizer})
     stats = prepare(spec)
-    assert stats["dropped"] == {"duplicate": 6}
-    assert stats["documents"] == 30
-    assert stats["vocab_size"] == first["vocab_size"]  # the given tokenizer, not a new one
+    assert stats.dropped == {"duplicate": 6}
+    assert stats.documents == 30
+    assert stats.vocab_size == first.vocab_size  # the given tokenizer, not a new one
     undeduped = prepare(
-        spec_for(tmp_path / "runs", [str(src)], tokenizer={"path": first["tokenizer"]})
+        spec_for(tmp_path / "runs", [str(src)], tokenizer={"path": first.tokenizer})
     )
     assert undeduped["documents"] == 36 and "duplicate" not in undeduped["dropped"]
 
@@ -269,11 +289,11 @@ def test_a_quoted_special_token_is_text(ray_session, tmp_path):
     stats = prepare(spec_for(tmp_path, [str(path)], seq_len=8, val_fraction=0.0,
                              test_fraction=0.0))  # fmt: skip
 
-    tok = AutoTokenizer.from_pretrained(stats["tokenizer"], local_files_only=True)
-    got = windows(stats["prepared"], "train")
+    tok = AutoTokenizer.from_pretrained(stats.tokenizer, local_files_only=True)
+    got = windows(stats.prepared, "train")
     stream = np.concatenate([got[i] for i in sorted(got)])
     # every document's own EOS, but the last one's when it fell in the remainder
-    assert (stream == tok.eos_token_id).sum() == 20 - (stats["remainder"]["train"] > 0)
+    assert (stream == tok.eos_token_id).sum() == 20 - (stats.remainder["train"] > 0)
     assert (stream == tok.pad_token_id).sum() == 0
     quoted = tok.encode("<|endoftext|>", split_special_tokens=True)
     assert any((stream[i : i + len(quoted)] == quoted).all() for i in range(len(stream)))

@@ -12,7 +12,7 @@ from conftest import engine_answers
 from llm_dist.base import UserError
 from llm_dist.finetune.methods import FineTuning, apply_method, blocks, check_base, linear_names
 from llm_dist.serve.engine import Engine, Job
-from llm_dist.train.loop import loss_sum_of
+from llm_dist.train.losses import loss_sum_of
 
 PROMPTS = ["def wrap(text, width=70):", "class TextWrapper:\n    "]
 

@@ -1,22 +1,18 @@
 """The run report: one offline HTML file from whatever stages a run folder holds."""
 
 import base64
-import json
 import re
 from pathlib import Path
 
 import pytest
+from run_records import data_result, serve_result, train_result, trial_rows, winner
 
+from llm_dist.records import Manifest, MetricsRow, StageEntry, Stages
 from llm_dist.report import write_report
+from llm_dist.run_folder import RunFolder, write_record
+from llm_dist.spec import JobSpec
 
-DATA = {
-    "records": 120, "documents": 110, "files": 2,
-    "bad": {"bad_utf8": 3}, "dropped": {"duplicate": 7, "empty": 0},
-    "tokenizer": "/runs/prepared/abc/tokenizer",
-    "docs": {"train": 100, "val": 5, "test": 5},
-    "tokens": {"train": 9000, "val": 450, "test": 460},
-    "sequences": {"train": 70, "val": 3, "test": 3},
-}  # fmt: skip
+SPEC = JobSpec(name="demo", stages=["data", "pretrain"], data={"sources": ["c.jsonl"]})
 
 
 def _write(path: Path, text: str) -> None:
@@ -24,12 +20,21 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def _jsonl(path: Path, rows: list[dict], tail: str = "") -> None:
-    _write(path, "".join(json.dumps(r) + "\n" for r in rows) + tail)
+def _rows(path: str, rows: list[MetricsRow], tail: str = "") -> None:
+    text = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in rows)
+    _write(Path(path), text + tail)
 
 
-def _stage(outputs: dict) -> dict:
-    return {"status": "succeeded", "started_at": "2026-01-01T00:00:00+0000", "outputs": outputs}
+def _stage(outputs=None, **fields) -> StageEntry:
+    return StageEntry(status="succeeded", started_at="2026-01-01T00:00:00+0000", outputs=outputs,
+                      **fields)  # fmt: skip
+
+
+def _manifest(folder: RunFolder, stages: Stages, name: str = "demo") -> None:
+    write_record(folder.manifest, Manifest(
+        name=name, created_at="2026-01-01T00:00:00+0000", started_at="2026-01-01T00:00:00+0000",
+        spec=SPEC.model_dump(mode="json"), versions={"ray": "2.60.0", "python": "3.11.7"},
+        host={}, stages=stages))  # fmt: skip
 
 
 def _images(page: str) -> list[bytes]:
@@ -42,53 +47,26 @@ def _self_contained(page: str) -> None:
 
 
 def test_report_of_a_full_run(tmp_path):
-    serve = {"url": "http://127.0.0.1:8000", "model": "demo", "folder": "/x/export",
-             "seconds_to_ready": 4.5, "test_prompt": "def f():",
-             "answer": "<script>alert(1)</script>"}  # fmt: skip
-    manifest = {
-        "name": "demo", "created_at": "2026-01-01T00:00:00+0000",
-        "stages": {"data": _stage(DATA), "pretrain": _stage({"step": 20}),
-                   "tune": _stage({"trial_id": "t_00000"}), "serve": _stage(serve)},
-        "versions": {"ray": "2.60.0", "python": "3.11.7"},
-    }  # fmt: skip
-    _write(tmp_path / "manifest.json", json.dumps(manifest))
-    _jsonl(
-        tmp_path / "pretrain" / "metrics.jsonl",
-        [{"step": 0, "kind": "eval", "val_loss": 8.3, "val_ppl": 4000.0}]
-        + [{"step": s, "kind": "train", "loss": 8 - s / 10, "tokens_per_s": 1000.0 + s,
-            "mfu": 0.1} for s in (10, 20)]
-        + [{"kind": "event", "event": "checkpoint", "step": 20},
-           {"step": 20, "kind": "eval", "val_loss": 6.1, "val_ppl": 445.0},
-           {"step": 20, "kind": "test", "test_loss": 6.3}],
-        tail='{"step": 30, "kind": "tr',  # a run killed mid-write
-    )  # fmt: skip
-    result = {"step": 20, "tokens": 40960, "val_loss_at_start": 8.3, "val_loss": 6.1,
-              "test_loss": 6.3}  # fmt: skip
-    _write(tmp_path / "pretrain" / "result.json", json.dumps(result))
-    _write(
-        tmp_path / "tune" / "results.csv",
-        "trial_id,lr,val_loss,step,status,seconds,error,test_loss\n"
-        "t_00000,0.0003,5.79,40,finished,81.1,,5.9\n"
-        "t_00001,0.003,5.91,20,stopped early,40.2,,\n"
-        "base,,,,base (un-tuned),,,6.71\n",
-    )
+    folder = RunFolder(str(tmp_path))
+    pretrained = train_result(SPEC, "/runs/demo/pretrain/export", step=20)
+    _manifest(folder, Stages(data=_stage(data_result()), pretrain=_stage(pretrained),
+                             serve=_stage(serve_result())))  # fmt: skip
+    t = MetricsRow
+    _rows(folder.pretrain.metrics,
+          [t(step=0, kind="eval", time=1, val_loss=8.3, val_ppl=4000.0)]
+          + [t(step=s, kind="train", time=2, loss=8 - s / 10, tokens_per_s=1000.0 + s, mfu=0.1)
+             for s in (10, 20)]
+          + [t(kind="event", time=3, event="checkpoint", step=20),
+             t(step=20, kind="eval", time=4, val_loss=6.1, val_ppl=445.0),
+             t(step=20, kind="test", time=5, test_loss=6.3)],
+          tail='{"step": 30, "kind": "tr')  # a run killed mid-write  # fmt: skip
+    folder.pretrain.write_result(pretrained)
+    folder.write_results(trial_rows())
     for trial, losses in (("t_00000", [6.6, 6.1, 5.9, 5.79]), ("t_00001", [6.6, 6.2, 5.91])):
-        rows = [{"step": 10 * i, "kind": "eval", "val_loss": v} for i, v in enumerate(losses)]
-        _jsonl(tmp_path / "tune" / "trials" / trial / "metrics.jsonl", rows)
-    winner = {
-        "trial_id": "t_00000", "metric": "val_loss", "mode": "min",
-        "config": {"method": "full", "lr": 0.0003},
-        "test": {"loss": {"winner": 5.9, "base": 6.71, "lift": -0.81409,
-                          "low": -0.87468, "high": -0.76146},
-                 "rouge_l": {"winner": 0.12, "base": 0.05, "lift": 0.07, "low": 0.02,
-                             "high": 0.125}},
-        "test_records": 256,
-        "task_data": {"records": 4659, "sequences": {"train": 4098, "val": 271, "test": 256},
-                      "unusable": {"too_long": 34}},
-        "lineage": {"base_model": "/runs/demo/pretrain/export", "task_sources": ["t.jsonl"],
-                    "pretrain": {"step": 20, "tokens": 40960}},
-    }  # fmt: skip
-    _write(tmp_path / "winner.json", json.dumps(winner))
+        rows = [t(step=10 * i, kind="eval", time=i, val_loss=v) for i, v in enumerate(losses)]
+        _rows(folder.trial(trial).metrics, rows)
+    folder.write_winner(winner(SPEC, "/runs/demo/tune/trials/t_00000/export",
+                               pretrained.export, pretrained))  # fmt: skip
 
     path = write_report(str(tmp_path))
 
@@ -111,18 +89,20 @@ def test_report_of_a_full_run(tmp_path):
     assert "<td>-0.8141</td><td>[-0.8747, -0.7615]</td>" in page
     assert "<td>0.07</td><td>[0.02, 0.125]</td>" in page
     assert "<td>pretrain.tokens</td><td>40,960</td>" in page
-    assert "<td>tokenizer</td><td>/runs/prepared/abc/tokenizer</td>" in page
+    assert "<td>tokenizer (the winner&#x27;s)</td><td>/runs/prepared/task-1/tokenizer</td>" in page
+    assert (
+        "<td>data.tokenizer (pretraining&#x27;s)</td><td>/runs/prepared/abc/tokenizer</td>" in page
+    )
     assert "<td>url</td><td>http://127.0.0.1:8000</td>" in page
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert 'class="missing"' not in page
 
 
 def test_report_of_a_run_with_only_data(tmp_path):
-    quiet = DATA | {"bad": {}, "dropped": {}}
-    failed = {"status": "failed", "error": "RuntimeError: <boom>"}
-    stages = {"data": _stage(quiet), "pretrain": failed}
-    manifest = {"name": "early", "created_at": "2026-01-01T00:00:00+0000", "stages": stages}
-    _write(tmp_path / "manifest.json", json.dumps(manifest))
+    folder = RunFolder(str(tmp_path))
+    failed = StageEntry(status="failed", error="RuntimeError: <boom>")
+    quiet = data_result(bad={}, dropped={})
+    _manifest(folder, Stages(data=_stage(quiet), pretrain=failed), name="early")
 
     # a URI goes through pyarrow's filesystem, as s3:// and gs:// do
     path = write_report(f"file://{tmp_path}")
@@ -134,12 +114,12 @@ def test_report_of_a_run_with_only_data(tmp_path):
     assert "<td>pretrain</td><td>failed</td>" in page and "RuntimeError: &lt;boom&gt;" in page
     assert "<td>train</td><td>100</td><td>9,000</td><td>70</td>" in page
     assert "No record was quarantined." in page
-    for why in ("no pretrain/metrics.jsonl or result.json", "no tune/results.csv",
-                "no test figures in winner.json", "the serve stage has no outputs"):  # fmt: skip
+    for why in ("no metrics rows and no result: not started", "no results table and no trial",
+                "no winner: no test figures were scored", "the serve stage has no outputs"):  # fmt: skip
         assert f'<p class="missing">{why}' in page, why
 
 
 def test_report_needs_a_manifest(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json: not a run folder"):
         write_report(str(tmp_path))
     assert not (tmp_path / "report.html").exists()

@@ -8,7 +8,7 @@ from architectures import ARCHITECTURES, build, tokenizer
 from llm_dist.finetune.evaluate import TaskEval, answer_span, generate, label_scores, outcome
 from llm_dist.finetune.formats import DEFAULT_CHAT_TEMPLATE, answer_ids, encode
 from llm_dist.finetune.scores import compute, lift, normalize, per_record
-from llm_dist.train.loop import loss_sum_of
+from llm_dist.train.losses import loss_sum_of
 
 
 def test_generation_metrics_equal_hand_computed_values():

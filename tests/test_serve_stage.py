@@ -10,8 +10,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from run_records import train_result, winner
 
 from llm_dist.base import UserError
+from llm_dist.run_folder import RunFolder
 from llm_dist.spec import JobSpec
 
 
@@ -30,8 +32,8 @@ def test_serves_the_winner_else_the_pretrain_export_then_stops(
 
     spec = spec_for(tmp_path, serve_port)
     run = tmp_path / "stage"
-    (run / "pretrain").mkdir(parents=True)
-    (run / "pretrain" / "result.json").write_text(json.dumps({"export": tiny_base}))
+    pretrained = train_result(spec, tiny_base)
+    RunFolder(str(run)).pretrain.write_result(pretrained)
     folder = pipeline.run(spec)
     manifest = json.loads((run / "manifest.json").read_text())
     outputs = manifest["stages"]["serve"]["outputs"]
@@ -41,7 +43,9 @@ def test_serves_the_winner_else_the_pretrain_export_then_stops(
     assert 0 < outputs["usage"]["completion_tokens"] <= 8 or outputs["answer"] == ""
     assert "stage" not in serve.status().applications  # taken down after the test prompt
 
-    (run / "winner.json").write_text(json.dumps({"export": tiny_base, "trial_id": "abc_00001"}))
+    RunFolder(str(run)).write_winner(
+        winner(spec, tiny_base, tiny_base, pretrained, trial_id="abc_00001")
+    )
     assert pipeline.run(spec) == folder
     outputs = json.loads((run / "manifest.json").read_text())["stages"]["serve"]["outputs"]
     assert outputs["source"] == "tune winner abc_00001"
@@ -223,7 +227,6 @@ def test_vllm_without_its_extra_is_refused(tmp_path, tiny_base):
 def test_vllm_past_the_models_positions_is_refused_before_it_starts(tmp_path, tiny_base):
     """vLLM refuses max_model_len past config.json's positions: validation says so first, and
     deploy does for a run's own winner, which validation cannot read."""
-    from llm_dist.manifest import write_json
     from llm_dist.serve.run import deploy
 
     with pytest.raises(ValueError) as err:  # the tiny base has 128 positions
@@ -233,8 +236,8 @@ def test_vllm_past_the_models_positions_is_refused_before_it_starts(tmp_path, ti
             "them; lower serve.max_prompt_tokens to at most 120 or serve.max_tokens") in str(err.value)  # fmt: skip
     assert spec_for(tmp_path, 8000, model=tiny_base, engine="vllm", max_prompt_tokens=120)
     run = tmp_path / "stage"
-    write_json(str(run), "winner.json", {"export": tiny_base, "trial_id": "t1"})
     spec = spec_for(tmp_path, 8000, engine="vllm", max_prompt_tokens=1024)
+    RunFolder(str(run)).write_winner(winner(spec, tiny_base, tiny_base, trial_id="t1"))
     with pytest.raises(UserError, match=r"1024 \+ 8 = 1032 exceeds the 128 positions of "):
         deploy(spec, str(run))
 

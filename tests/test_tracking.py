@@ -10,9 +10,11 @@ import socket
 import time
 
 import pytest
+from run_records import train_result
 
-from llm_dist import tracking
+from llm_dist.records import MetricsRow
 from llm_dist.spec import JobSpec
+from llm_dist.tracking import tracker as tracking
 
 
 @pytest.fixture
@@ -52,13 +54,12 @@ def test_a_store_that_fails_later_is_one_warning_and_tracking_stops(nowhere, tmp
     tracker = tracking.Tracker(MlflowClient(nowhere), nowhere, spec, str(tmp_path / "d"), "1", "p")
     tracker.stages["pretrain"] = "r"  # as if the store had answered until now
     for step in range(1, 4):
-        tracker.log_row(
-            "pretrain", {"step": step, "kind": "train", "time": time.time(), "loss": 1.0}
-        )
+        tracker.log_row("pretrain", MetricsRow(step=step, kind="train", time=time.time(), loss=1.0))
     assert len(tracker.rows) == 3  # held for the next batch, not queued as three requests
-    tracker.end_stage("pretrain", "FINISHED", {"step": 3})  # the batch finds the store gone
+    # the batch finds the store gone
+    tracker.end_stage("pretrain", "FINISHED", train_result(spec, "/x/export", step=3))
     tracker.start_stage("tune")
-    tracker.log_row("pretrain", {"step": 4, "kind": "train", "time": time.time(), "loss": 1.0})
+    tracker.log_row("pretrain", MetricsRow(step=4, kind="train", time=time.time(), loss=1.0))
     tracker.finish("FINISHED")
     assert not tracker.on and tracker.rows == []
     assert len(warnings(capsys.readouterr().out)) == 1

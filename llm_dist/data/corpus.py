@@ -45,7 +45,7 @@ def expand_sources(sources: list[str], field: str = "data.sources") -> list[tupl
     """
     from pyarrow import fs
 
-    from llm_dist.manifest import filesystem
+    from llm_dist.storage import filesystem
 
     found: dict[str, tuple[str, int, int]] = {}
     for i, source in enumerate(sources):

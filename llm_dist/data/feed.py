@@ -4,6 +4,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from llm_dist.run_folder import PreparedFolder, ledger_file
+
 
 def split_dataset(prepared: str, split: str, exclude_ids: Iterable[int] = (), seed: int = 0):
     """The split's windows (`id`, `tokens` of seq_len + 1) as a Ray Dataset.
@@ -15,7 +17,9 @@ def split_dataset(prepared: str, split: str, exclude_ids: Iterable[int] = (), se
     import ray
     from ray.data import FileShuffleConfig
 
-    ds = ray.data.read_parquet(f"{prepared}/{split}", shuffle=FileShuffleConfig(seed=seed))
+    ds = ray.data.read_parquet(
+        PreparedFolder(prepared).split(split), shuffle=FileShuffleConfig(seed=seed)
+    )
     ids = np.fromiter(exclude_ids, np.int64)
     if len(ids):
         bitmap = np.zeros(int(ids.max()) + 1, bool)
@@ -77,9 +81,9 @@ def head_batches(prepared: str, split: str, rows: int, batch_size: int, rank: in
     import pyarrow.dataset as pds
     import torch
 
-    from llm_dist.manifest import filesystem
+    from llm_dist.storage import filesystem
 
-    filesys, path = filesystem(f"{prepared}/{split}")
+    filesys, path = filesystem(PreparedFolder(prepared).split(split))
     table = pds.dataset(path, filesystem=filesys, format="parquet").head(rows)
     keep = len(table) // world * world
     ids = table["id"].to_numpy()[:keep][rank::world]
@@ -98,7 +102,7 @@ def head_batches(prepared: str, split: str, rows: int, batch_size: int, rank: in
 
 
 def write_ledger(rows: np.ndarray, folder: str, epoch: int) -> None:
-    """Every rank's (step, id) rows of an epoch, gathered into `<folder>/epoch-<n>.npy` by rank 0.
+    """Every rank's (step, id) rows of an epoch, gathered into the ledger `folder` by rank 0.
 
     The record of which optimizer step trained on which sequence: each id appears once per
     epoch, across restarts too.
@@ -110,11 +114,8 @@ def write_ledger(rows: np.ndarray, folder: str, epoch: int) -> None:
     everyone = [None] * dist.get_world_size()
     dist.gather_object(rows, everyone if dist.get_rank() == 0 else None, dst=0)
     if dist.get_rank() == 0:
-        from llm_dist.manifest import filesystem
+        from llm_dist.storage import write_bytes
 
-        filesys, path = filesystem(folder)
-        filesys.create_dir(path, recursive=True)
         buffer = io.BytesIO()
         np.save(buffer, np.concatenate(everyone).reshape(-1, 2))
-        with filesys.open_output_stream(f"{path}/epoch-{epoch:04d}.npy") as f:
-            f.write(buffer.getvalue())
+        write_bytes(ledger_file(folder, epoch), buffer.getvalue())

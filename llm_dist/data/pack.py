@@ -75,11 +75,12 @@ def pack_batch(batch, tokenizer_json: str, eos_id: int, cfg, drop: frozenset = f
 
 def clear_windows(root: str) -> None:
     """Delete every split's shards under `root` (the tokenizer and quarantine stay)."""
-    from llm_dist.manifest import filesystem
+    from llm_dist.run_folder import PreparedFolder
+    from llm_dist.storage import filesystem
 
     filesys, path = filesystem(root)
     for split in SPLITS:
-        filesys.delete_dir_contents(f"{path}/{split}", missing_dir_ok=True)
+        filesys.delete_dir_contents(PreparedFolder(path).split(split), missing_dir_ok=True)
 
 
 def write(packed, cfg, root: str) -> dict:
@@ -88,11 +89,13 @@ def write(packed, cfg, root: str) -> dict:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from llm_dist.manifest import filesystem
+    from llm_dist.run_folder import PreparedFolder
+    from llm_dist.storage import filesystem
 
     width = cfg.seq_len + 1
     clear_windows(root)  # a crashed earlier attempt may have left shards behind
     filesys, path = filesystem(root)
+    folder = PreparedFolder(path)
     filesys.create_dir(path, recursive=True)
     schema = pa.schema([("id", pa.int64()), ("tokens", pa.list_(pa.int32(), width))])
     rows_per_shard = max(1, SHARD_BYTES // (4 * width))
@@ -109,8 +112,8 @@ def write(packed, cfg, root: str) -> dict:
             if stats["sequences"][name] % rows_per_shard == 0:  # this shard is full: next one
                 if s in writers:
                     writers[s].close()
-                filesys.create_dir(f"{path}/{name}", recursive=True)
-                shard = f"{path}/{name}/part-{stats['shards'][name]:05d}.parquet"
+                filesys.create_dir(folder.split(name), recursive=True)
+                shard = f"{folder.split(name)}/part-{stats['shards'][name]:05d}.parquet"
                 writers[s] = pq.ParquetWriter(shard, schema, filesystem=filesys)
                 stats["shards"][name] += 1
             head = windows[: rows_per_shard - stats["sequences"][name] % rows_per_shard]
@@ -121,7 +124,7 @@ def write(packed, cfg, root: str) -> dict:
             stats["sequences"][name] += len(head)
             windows = windows[len(head) :]
 
-    with filesys.open_output_stream(f"{path}/quarantine.jsonl") as quarantine:
+    with filesys.open_output_stream(folder.quarantine) as quarantine:
         for table in packed.iter_batches(batch_format="pyarrow", batch_size=None):
             kind, split = table["kind"].to_numpy(), table["split"].to_numpy()
             for s, name in enumerate(SPLITS):

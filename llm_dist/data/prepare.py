@@ -18,7 +18,9 @@ from llm_dist.base import UserError
 from llm_dist.console import console, status
 from llm_dist.data import corpus
 from llm_dist.data.pack import SPLITS
-from llm_dist.manifest import filesystem, read_json, save_into, storage_uri, write_json
+from llm_dist.records import DataResult
+from llm_dist.run_folder import RunFolder, prepared_folder
+from llm_dist.storage import copy, save_into
 
 
 def fingerprint(cfg, files: list[tuple[str, int, int]]) -> str:
@@ -31,20 +33,36 @@ def fingerprint(cfg, files: list[tuple[str, int, int]]) -> str:
             for p in folder.glob("*")
             if p.is_file()
         )
-    # version 2: quoted special tokens are packed as text; 3: BOM-led lines, damaged files
-    key = {"files": files, "tokenizer": tokenizer, "version": 3,
+    # version 2: quoted special tokens are packed as text; 3: BOM-led lines, damaged files;
+    # 4: prepared.json is a typed DataResult
+    key = {"files": files, "tokenizer": tokenizer, "version": 4,
            **cfg.model_dump(exclude={"sources", "tokenizer", "max_bad_fraction"})}  # fmt: skip
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare(spec) -> dict:
-    """Prepare (or reuse) the spec's data; returns the stats recorded in `prepared.json`."""
+def current_fingerprint(spec) -> str | None:
+    """The fingerprint the spec's data has now, or None where its sources cannot be listed
+    (gone since it was prepared): for checking what was made from it, without preparing."""
+    try:
+        return fingerprint(spec.data, corpus.expand_sources(spec.data.sources))
+    except UserError:
+        return None
+
+
+def prepare(spec) -> DataResult:
+    """Prepare (or reuse) the spec's data; returns what `prepared.json` records.
+
+    Raises UserError when more than data.max_bad_fraction of the records are bad: on reuse
+    too, since the budget is this spec's, not that of the run that prepared the data.
+    """
     cfg = spec.data
     files = corpus.expand_sources(cfg.sources)
-    root = storage_uri(spec, "prepared", fingerprint(cfg, files))
-    done = read_json(root, "prepared.json")
+    key = fingerprint(cfg, files)
+    folder = prepared_folder(spec, key)
+    done = folder.read(DataResult)
     if done is not None:
-        return {**done, "reused": True}
+        _check_budget(done, cfg.max_bad_fraction)
+        return done.model_copy(update={"reused": True})
 
     import ray
 
@@ -67,45 +85,44 @@ def prepare(spec) -> dict:
         tokenizer = load(cfg.tokenizer.path)
     else:
         tokenizer = _train_tokenizer(cfg, records, hashes, keys, drop)
-    save_into(tokenizer.save_pretrained, f"{root}/tokenizer")
+    save_into(tokenizer.save_pretrained, folder.tokenizer)
     packed = records.map_batches(
         pack.pack_batch,
         fn_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
                    "eos_id": tokenizer.eos_token_id, "cfg": cfg, "drop": drop},
         batch_format="pyarrow", batch_size=1024,
     )  # fmt: skip
-    written = pack.write(packed, cfg, root)
+    written = pack.write(packed, cfg, folder.uri)
     reasons = written.pop("reasons")
     documents = sum(written["docs"].values())
-    total = documents + sum(reasons.values())
-    bad = {r: reasons[r] for r in corpus.BAD if r in reasons}
-    n_bad = sum(bad.values())
-    if total and n_bad / total > cfg.max_bad_fraction:
-        pack.clear_windows(root)  # keep the quarantine, drop the windows: nothing half-made stays
-        raise UserError(
-            f"data: {n_bad} of {total} records are bad "
-            f"({n_bad / total:.2%} > data.max_bad_fraction {cfg.max_bad_fraction}): "
-            f"{', '.join(f'{k} {v}' for k, v in bad.items())}; every one is listed in "
-            f"{root}/quarantine.jsonl. Fix the corpus or raise data.max_bad_fraction"
-        )
     seconds = time.perf_counter() - start
-    stats = {
-        "prepared": root,
-        "files": len(files),
-        "records": total,
-        "documents": documents,
-        "bad": bad,
-        "dropped": {r: reasons[r] for r in corpus.DROPPED if r in reasons},
-        "quarantine": f"{root}/quarantine.jsonl",
-        "tokenizer": f"{root}/tokenizer",
-        "vocab_size": len(tokenizer),
-        "seq_len": cfg.seq_len,
-        **written,
-        "seconds": round(seconds, 2),
-        "tokens_per_s": round(sum(written["tokens"].values()) / seconds),
-    }
-    write_json(root, "prepared.json", stats)  # the commit: only now is it reusable
-    return {**stats, "reused": False}
+    result = DataResult(
+        prepared=folder.uri, fingerprint=key, files=len(files),
+        records=documents + sum(reasons.values()), documents=documents,
+        bad={r: reasons[r] for r in corpus.BAD if r in reasons},
+        dropped={r: reasons[r] for r in corpus.DROPPED if r in reasons},
+        quarantine=folder.quarantine, tokenizer=folder.tokenizer, vocab_size=len(tokenizer),
+        seq_len=cfg.seq_len, **written, seconds=round(seconds, 2),
+        tokens_per_s=round(sum(written["tokens"].values()) / seconds),
+    )  # fmt: skip
+    try:
+        _check_budget(result, cfg.max_bad_fraction)
+    except UserError:
+        pack.clear_windows(folder.uri)  # keep the quarantine, drop the windows: nothing half-made
+        raise
+    folder.commit(result)  # the commit: only now is it reusable
+    return result
+
+
+def _check_budget(result: DataResult, max_bad_fraction: float) -> None:
+    n_bad = sum(result.bad.values())
+    if result.records and n_bad / result.records > max_bad_fraction:
+        raise UserError(
+            f"data: {n_bad} of {result.records} records are bad "
+            f"({n_bad / result.records:.2%} > data.max_bad_fraction {max_bad_fraction}): "
+            f"{', '.join(f'{k} {v}' for k, v in result.bad.items())}; every one is listed in "
+            f"{result.quarantine}. Fix the corpus or raise data.max_bad_fraction"
+        )
 
 
 def _index(records) -> tuple[np.ndarray, list[tuple[str, int]]]:
@@ -160,35 +177,32 @@ def _col(name: str):
     return col(name)
 
 
-def run_stage(spec, run: str) -> dict:
+def run_stage(spec, run: str) -> DataResult:
     """The data stage of a run: prepare or reuse, copy tokenizer and quarantine in, report."""
-    from pyarrow import fs
-
     with status("data: reading, cleaning, tokenizing and packing the corpus"):
-        stats = prepare(spec)
-    filesys, path = filesystem(run)
-    src_fs, src = filesystem(stats["prepared"])
-    filesys.create_dir(f"{path}/data/tokenizer", recursive=True)
-    fs.copy_files(f"{src}/tokenizer", f"{path}/data/tokenizer", src_fs, filesys)
-    fs.copy_files(f"{src}/quarantine.jsonl", f"{path}/data/quarantine.jsonl", src_fs, filesys)
-    _report(stats)
-    return stats
+        result = prepare(spec)
+    folder, prepared = RunFolder(run), prepared_folder(spec, result.fingerprint)
+    copy(prepared.tokenizer, folder.data_tokenizer)
+    copy(prepared.quarantine, folder.data_quarantine)
+    _report(result)
+    return result
 
 
-def _report(stats: dict) -> None:
+def _report(result: DataResult) -> None:
     from rich.table import Table
 
-    table = Table(title="data" + (" (reused: fingerprint matches)" if stats["reused"] else ""))
+    table = Table(title="data" + (" (reused)" if result.reused else ""))
     for column in ("", "train", "val", "test"):
         table.add_column(column, justify="right")
     for key in ("docs", "tokens", "sequences", "remainder"):
-        table.add_row(key, *(f"{stats[key][s]:,}" for s in SPLITS))
+        table.add_row(key, *(f"{getattr(result, key)[s]:,}" for s in SPLITS))
     console.print(table)
-    bad = ", ".join(f"{k} {v:,}" for k, v in stats["bad"].items()) or "none"
-    dropped = ", ".join(f"{k} {v:,}" for k, v in stats["dropped"].items()) or "none"
+    bad = ", ".join(f"{k} {v:,}" for k, v in result.bad.items()) or "none"
+    dropped = ", ".join(f"{k} {v:,}" for k, v in result.dropped.items()) or "none"
     console.print(
-        f"records {stats['records']:,} from {stats['files']} file(s); documents "
-        f"{stats['documents']:,}; bad records: {bad} (listed in {stats['quarantine']}); "
-        f"dropped: {dropped}; {stats['tokens_per_s']:,} tokens/s over {stats['seconds']} s; "
-        f"prepared data: {stats['prepared']}"
+        f"records {result.records:,} from {result.files} file(s); documents "
+        f"{result.documents:,}; bad records: {bad} (listed in {result.quarantine}); "
+        f"dropped: {dropped}; {result.tokens_per_s:,.0f} tokens/s over {result.seconds} s; "
+        f"prepared data: {result.prepared}"
+        + (" (reused: prepared earlier from the same files and settings)" if result.reused else "")
     )

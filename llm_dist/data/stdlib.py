@@ -29,15 +29,20 @@ def stdlib_files() -> list[Path]:
 
 
 def collect(out_dir: str | Path) -> dict[str, int]:
-    """Write the three files under `out_dir`; returns how many records each got."""
+    """Write the three files under `out_dir`; returns how many records each got.
+
+    A file whose content is already there is left alone (its modification time too), so the
+    data prepared from it keeps its fingerprint and a rerun reuses it and what was trained on it.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = pairs = labelled = 0
+    names = ("stdlib.jsonl", "stdlib_docstrings.jsonl", "stdlib_packages.jsonl")
     with (
-        open(out / "stdlib.jsonl", "w") as corpus,
-        open(out / "stdlib_docstrings.jsonl", "w") as task,
-        open(out / "stdlib_packages.jsonl", "w") as classify,
+        open(out / f".{names[0]}.tmp", "w") as corpus,
+        open(out / f".{names[1]}.tmp", "w") as task,
+        open(out / f".{names[2]}.tmp", "w") as classify,
     ):
         for path in stdlib_files():
             source = path.read_text(encoding="utf-8", errors="replace")
@@ -60,6 +65,12 @@ def collect(out_dir: str | Path) -> dict[str, int]:
                               "label": package, "source": name}  # fmt: skip
                     classify.write(json.dumps(record) + "\n")
                     labelled += 1
+    for name in names:
+        made, target = out / f".{name}.tmp", out / name
+        if target.exists() and target.read_bytes() == made.read_bytes():
+            made.unlink()
+        else:
+            made.replace(target)
     return {"documents": docs, "docstring_pairs": pairs, "labelled_functions": labelled}
 
 

@@ -28,12 +28,15 @@ class TaskEval:
 def task_of(spec, prepared: str) -> TaskEval | None:
     """The evaluation of the task prepared in `prepared` (its label tokens from prepared.json),
     or None when `tune.task.metrics` is empty."""
-    from llm_dist.manifest import read_json
+    from llm_dist.records import TaskData
+    from llm_dist.run_folder import PreparedFolder
 
     t = spec.tune.task
     if not t.metrics:
         return None
-    label_ids = (read_json(prepared, "prepared.json") or {}).get("label_ids") or []
+    label_ids = []
+    if t.format == "classify":  # the tokens each label is scored by
+        label_ids = PreparedFolder(prepared).read(TaskData).label_ids or []
     return TaskEval(t.format, tuple(t.metrics), t.max_new_tokens, tuple(t.stop),
                     tuple(tuple(ids) for ids in label_ids))  # fmt: skip
 

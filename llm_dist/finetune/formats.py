@@ -19,6 +19,8 @@ such prefixes: its multi-turn records are quarantined as template_mismatch.
 
 import itertools
 
+from llm_dist.compat import LibraryChanged, mark_chat_inputs
+
 # A user turn is its text and a newline; an assistant turn its text and EOS. Exported with the
 # tokenizer, so the served model formats a chat the way it was fine-tuned.
 DEFAULT_CHAT_TEMPLATE = (
@@ -148,14 +150,18 @@ def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
         messages = _marked(tokenizer, messages[: last + 1])
         turns = [(_render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False))
                  for i, m in enumerate(messages) if m["role"] == "assistant"]  # fmt: skip
+    except LibraryChanged:
+        raise  # transformers', not the template's
     except Exception as e:  # jinja's raise_exception(), or any error the template hits
         raise Unusable("template_refused", str(e)) from None
     text, cuts = turns[-1][1], [0]
-    for before, through in turns:
-        if not (
-            text.startswith(through) and through.startswith(before) and len(before) >= cuts[-1]
-        ):
-            raise Unusable("template_mismatch")
+    for n, (before, through) in enumerate(turns, 1):
+        if not through.startswith(before):
+            raise Unusable("template_mismatch", f"assistant turn {n}: the chat before it with "
+                           "the generation prompt is not where the chat through it begins")  # fmt: skip
+        if not text.startswith(through) or len(before) < cuts[-1]:
+            raise Unusable("template_mismatch", f"assistant turn {n}: the template renders it "
+                           "differently once later turns follow")  # fmt: skip
         cuts += [len(before), len(through)]
     ids, mask = [], []
     try:
@@ -196,9 +202,7 @@ def _marked(tokenizer, messages: list[dict]) -> list[dict]:
     """The messages with each control token in their text wrapped in transformers' markers
     (what `apply_chat_template(sanitize_control_tokens=True)` does before rendering), so the
     tokenizer call with `sanitize_control_tokens=True` encodes those as text."""
-    marked, *_ = tokenizer._mark_chat_inputs(tokenizer.get_chat_template(), [messages], None,
-                                             None, {}, True, False)  # fmt: skip
-    return marked[0]
+    return mark_chat_inputs(tokenizer, messages)
 
 
 def _ids(tokenizer, text: str) -> list[int]:

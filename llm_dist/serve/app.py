@@ -37,7 +37,7 @@ class LLMServer:
         from transformers import AutoModelForCausalLM
 
         from llm_dist.data.tokenizer import load
-        from llm_dist.manifest import local_folder
+        from llm_dist.storage import local_folder
 
         local = local_folder(folder)  # on this replica's node: object storage is copied here
         gpu = torch.cuda.is_available()

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from llm_dist.base import UserError
 from llm_dist.console import console
-from llm_dist.manifest import read_json
+from llm_dist.records import ServeResult
+from llm_dist.run_folder import RunFolder
 
 
-def run_stage(spec, run: str, keep_serving: bool = False, tracker=None) -> dict:
+def run_stage(spec, run: str, keep_serving: bool = False, tracker=None) -> ServeResult:
     """Deploy, ask the test prompt, then keep serving or stop; returns the stage's outputs.
 
     `tracker` (`llm_dist.tracking.Tracker`) gets the endpoint as soon as it answers.
@@ -29,7 +30,7 @@ def run_stage(spec, run: str, keep_serving: bool = False, tracker=None) -> dict:
 
     outputs = deploy(spec, run)
     if tracker:
-        tracker.served(outputs["url"])
+        tracker.served(outputs.url)
     if not (keep_serving or spec.serve.keep_serving):
         serve.delete(spec.name)
         console.print(
@@ -53,7 +54,7 @@ def run_stage(spec, run: str, keep_serving: bool = False, tracker=None) -> dict:
     return outputs
 
 
-def deploy(spec, run: str) -> dict:
+def deploy(spec, run: str) -> ServeResult:
     """Deploy the spec's model as the Serve application named after the run; ask it once."""
     import ray
     from ray import serve
@@ -106,25 +107,34 @@ def deploy(spec, run: str) -> dict:
     console.print(f"serve: asked {s.test_prompt!r}; in {seconds:.2f} s, "
           f"{answer['usage']['completion_tokens']} tokens ({choice['finish_reason']}):")  # fmt: skip
     console.print(text if text.strip() else "(an empty answer: the model ended it at once)")
-    return {"url": url, "model": spec.name, "folder": folder, "source": source,
-            "seconds_to_ready": round(ready, 2), "test_prompt": s.test_prompt,
-            "answer": text, "usage": answer["usage"]}  # fmt: skip
+    return ServeResult(url=url, model=spec.name, folder=folder, source=source,
+                       seconds_to_ready=round(ready, 2), test_prompt=s.test_prompt, answer=text,
+                       usage=answer["usage"])  # fmt: skip
 
 
 def _model(spec, run: str) -> tuple[str, str]:
-    """The folder to serve and where it came from."""
+    """The folder to serve and where it came from: serve.model, else the run's tune winner, else
+    its pretrain export, each only when it was made from this spec (`llm_dist.reuse`)."""
+    from llm_dist.reuse import check_pretrain, check_winner
+
     if spec.serve.model:
         model = spec.serve.model
         return (model if "://" in model else str(Path(model).resolve())), "serve.model"
-    winner = read_json(run, "winner.json")
+    folder = RunFolder(run)
+    pretrained = folder.pretrain.read_result()
+    winner = folder.read_winner()
     if winner is not None:
-        return winner["export"], f"tune winner {winner['trial_id']}"
-    pretrained = read_json(f"{run}/pretrain", "result.json")
+        if not spec.tune.base_model and pretrained is not None:
+            check_pretrain(spec, pretrained, folder.pretrain.result)
+        base_result = None if spec.tune.base_model else pretrained
+        check_winner(spec, winner, winner.lineage.base_model, base_result, folder.winner)
+        return winner.export, f"tune winner {winner.trial_id}"
     if pretrained is not None:
-        return pretrained["export"], "the pretrain export"
+        check_pretrain(spec, pretrained, folder.pretrain.result)
+        return pretrained.export, "the pretrain export"
     raise UserError(
-        f"serve.model: empty, and the run {run} has neither a tune winner (winner.json) nor a "
-        "pretrain export; run those stages first or set serve.model to a model folder"
+        f"serve.model: empty, and the run {run} has neither a tune winner ({folder.winner}) "
+        "nor a pretrain export; run those stages first or set serve.model to a model folder"
     )
 
 

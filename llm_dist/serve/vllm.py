@@ -39,14 +39,14 @@ def app(spec, folder: str, key_hashes: list[str]):
 
 def keyed_ingress() -> type:
     """`OpenAiIngress` with every route it serves refusing a request without a valid key."""
-    from ray.llm._internal.serve.core.ingress.ingress import DEFAULT_ENDPOINTS  # its routes
+    from llm_dist.compat import serve_llm_routes
 
     def init(self, *args, key_hashes: list[str], **kwargs):
         OpenAiIngress.__init__(self, *args, **kwargs)
         self.key_hashes = key_hashes
 
     return type("KeyedIngress", (OpenAiIngress,), {
-        "__init__": init, **{name: _keyed(getattr(OpenAiIngress, name)) for name in DEFAULT_ENDPOINTS}
+        "__init__": init, **{name: _keyed(getattr(OpenAiIngress, name)) for name in serve_llm_routes()}
     })  # fmt: skip
 
 

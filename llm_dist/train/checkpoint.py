@@ -21,17 +21,19 @@ import time
 
 import numpy as np
 
-from llm_dist.manifest import filesystem, read_json, write_json
+from llm_dist.run_folder import checkpoint_manifest
+from llm_dist.storage import filesystem, read_json, write_json
 
 log = logging.getLogger("llm_dist.checkpoint")
 
 
 def save(engine, state: dict, ledger: np.ndarray, root: str, metrics: dict,
-         before_report=None) -> str:  # fmt: skip
+         origin: dict | None = None, before_report=None) -> str:  # fmt: skip
     """Every rank: write its shard, report it to Ray Train, then rank 0 commits the manifest.
 
     `state` is the loop's progress (step, epoch, ...); `ledger` this rank's (step, id) rows
-    of the current epoch; `before_report`, called on every rank once its shard is written,
+    of the current epoch; `origin` what the run is made from (`records.Origin` as JSON), which
+    a later run must match to resume from it; `before_report`, called on every rank once its shard is written,
     does the work that must be done before the report (a Tune scheduler may stop the run at
     it). Returns the checkpoint's folder.
     """
@@ -59,7 +61,8 @@ def save(engine, state: dict, ledger: np.ndarray, root: str, metrics: dict,
     folder = f"{root}/{dir_name[0]}"
     if rank == 0:
         merged = {k: v for per_rank in everyone for k, v in per_rank.items()}
-        write_json(folder, "checkpoint.json", {**state, "world_size": world, "files": merged})
+        write_json(checkpoint_manifest(folder),
+                   {**state, "world_size": world, "files": merged, "origin": origin})  # fmt: skip
     dist.barrier()
     return folder
 
@@ -75,25 +78,28 @@ def committed(root: str) -> list[tuple[str, dict]]:
     for info in filesys.get_file_info(fs.FileSelector(path)):
         if info.type == fs.FileType.Directory and info.base_name.startswith("step-"):
             folder = f"{root}/{info.base_name}"
-            meta = read_json(folder, "checkpoint.json")
+            meta = read_json(checkpoint_manifest(folder))
             if meta is None:
-                log.warning("checkpoint %s has no checkpoint.json: not whole, passed over", folder)
+                log.warning("checkpoint %s has no manifest: not whole, passed over", folder)
             else:
                 found.append((folder, meta))
     return sorted(found, key=lambda f: f[0].rsplit("/", 1)[1], reverse=True)
 
 
-def latest_whole(root: str) -> tuple[str, dict] | None:
-    """The newest checkpoint whose files all match its manifest, or None (a fresh start)."""
+def latest_whole(root: str) -> tuple[tuple[str, dict] | None, list[tuple[str, str]]]:
+    """The newest checkpoint whose files all match its manifest, (folder, manifest), or None (a
+    fresh start); and the newer ones passed over, (folder, why), which the run says."""
     filesys, path = filesystem(root)
+    skipped = []
     for folder, meta in committed(root):
         problem = _check(filesys, f"{path}/{folder.rsplit('/', 1)[1]}", meta["files"])
         if problem is None:
-            return folder, meta
+            return (folder, meta), skipped
         log.warning(
             "checkpoint %s is not whole (%s); falling back to the previous one", folder, problem
         )
-    return None
+        skipped.append((folder, problem))
+    return None, skipped
 
 
 def load(engine, folder: str) -> tuple[np.ndarray, np.ndarray]:

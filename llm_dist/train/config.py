@@ -159,3 +159,4 @@ class LoopConfig:
     queue: Any = None  # a ray.util.queue.Queue for live metrics to the driver, or None
     finetuning: Any = None  # a `llm_dist.finetune.methods.FineTuning`, or None
     nan_at: dict[int, str] = field(default_factory=dict)  # injected NaN losses (tests)
+    origin: Any = None  # pretraining's `records.Origin`: into its checkpoints and result

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from llm_dist.train.losses import loss_sum_of
+
 
 def train_loop(config: dict) -> None:
     """One worker's run; `config["loop"]` is its `LoopConfig`."""
@@ -39,15 +41,17 @@ def train_loop(config: dict) -> None:
     from llm_dist.data import feed
     from llm_dist.data.tokenizer import load as load_tokenizer
     from llm_dist.finetune import evaluate
-    from llm_dist.manifest import save_into, write_json
     from llm_dist.model import build, flops_per_token
+    from llm_dist.records import Sample, TrainResult
+    from llm_dist.run_folder import PreparedFolder, TrainFolder
+    from llm_dist.storage import save_into
     from llm_dist.train import checkpoint
     from llm_dist.train.deepspeed_config import deepspeed_config, lr_lambda, param_groups
     from llm_dist.train.metrics import MetricsLog, peak_flops, peak_memory
 
     # ---- setup: plain values first, then the model and its engine
     c = config["loop"]
-    spec, out, prepared, finetuning = c.spec, c.out, c.prepared, c.finetuning
+    spec, out, prepared, finetuning = c.spec, TrainFolder(c.out), c.prepared, c.finetuning
     p, T = spec.pretrain, spec.data.seq_len
     nan_at = dict(c.nan_at)  # injected NaN losses, to test recovery: {step: once|always}
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -55,7 +59,7 @@ def train_loop(config: dict) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows progress
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     ds_config = deepspeed_config(p, use_gpu=device.type == "cuda")
-    with ray.train.Checkpoint(f"{prepared}/tokenizer").as_directory() as folder:
+    with ray.train.Checkpoint(PreparedFolder(prepared).tokenizer).as_directory() as folder:
         tokenizer = load_tokenizer(folder)
     torch.manual_seed(p.seed)
     # Alive while the model is built: transformers then creates it straight into ZeRO-3 shards.
@@ -83,15 +87,18 @@ def train_loop(config: dict) -> None:
         return _validate(engine, tokenizer, val, T, device, task, synced)
 
     # ---- resume: rank 0 picks the newest whole checkpoint, every rank loads it
-    ckpt_root = f"{out}/checkpoints"
-    found = [checkpoint.latest_whole(ckpt_root) if rank == 0 else None]
+    ckpt_root = out.checkpoints
+    found = [checkpoint.latest_whole(ckpt_root) if rank == 0 else (None, [])]
     dist.broadcast_object_list(found, src=0)
+    found, skipped = found[0]
+    for folder, why in skipped:  # said on the console: the run goes back further than asked
+        _note(logs, {"event": "checkpoint_skipped", "checkpoint": folder, "reason": why})
     state = {"step": 0, "epoch": 0, "tokens": 0, "bad_steps": 0, "val_loss_at_start": None}
     ledger = [np.zeros((0, 2), np.int64)]  # this rank's (step, id) rows of the epoch in progress
     consumed = np.zeros((0, 2), np.int64)  # every rank's rows, up to the checkpoint resumed
     scores = None  # the latest validation figures (val_loss, task metrics)
-    if found[0] is not None:
-        folder, meta = found[0]
+    if found is not None:
+        folder, meta = found
         ledger[0], consumed = checkpoint.load(engine, folder)
         state = {k: meta[k] for k in state}
         _note(logs, {"event": "resumed", "step": state["step"], "checkpoint": folder})
@@ -99,6 +106,7 @@ def train_loop(config: dict) -> None:
         scores = validate()
         state["val_loss_at_start"] = scores["val_loss"]
         _write(logs, 0, "eval", {**scores, "val_ppl": math.exp(scores["val_loss"])})
+    origin = None if c.origin is None else c.origin.model_dump(mode="json")
 
     # ---- train
     # loss sum, target tokens, tokens processed, data wait: since the last metrics row
@@ -158,16 +166,16 @@ def train_loop(config: dict) -> None:
                 _write(logs, step, "eval", {**scores, "val_ppl": math.exp(scores["val_loss"])})
             if step % p.checkpoint_every == 0 and step < p.max_steps:  # the last one: below
                 folder = checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root,
-                                         _reported(state, scores))  # fmt: skip
+                                         _reported(state, scores), origin)  # fmt: skip
                 _note(logs, {"event": "checkpoint", "step": step, "checkpoint": folder})
                 logs and logs.publish()
             started += time.perf_counter() - paused
             if step == p.max_steps:
                 break
         else:  # the epoch ran out before max_steps: record what it consumed, start the next
-            feed.write_ledger(np.concatenate(ledger), f"{out}/ledger", state["epoch"])
+            feed.write_ledger(np.concatenate(ledger), out.ledger, state["epoch"])
             state["epoch"], ledger, consumed = state["epoch"] + 1, [ledger[0][:0]], consumed[:0]
-    feed.write_ledger(np.concatenate(ledger), f"{out}/ledger", state["epoch"])
+    feed.write_ledger(np.concatenate(ledger), out.ledger, state["epoch"])
 
     if scores is None:  # resumed at max_steps: nothing was evaluated in this attempt
         scores = validate()
@@ -195,22 +203,24 @@ def train_loop(config: dict) -> None:
                     merged.save_pretrained(folder, safe_serialization=True)
                     tokenizer.save_pretrained(folder)
 
-                save_into(save, f"{out}/export")
+                save_into(save, out.export)
         dist.barrier()
         if rank == 0:
-            result = {**state, **_reported(state, scores), "test_loss": test_loss,
-                      "export": f"{out}/export", "samples": samples, "world_size": world,
-                      "flops_per_token": flops, "peak_flops_per_worker": peak,
-                      "peak_flops_source": peak_source}  # fmt: skip
+            test_ppl = None if test_loss is None else math.exp(test_loss)
+            result = TrainResult(
+                **state, val=_validation(scores), test_loss=test_loss, test_ppl=test_ppl,
+                export=out.export, samples=[Sample(**s) for s in samples], world_size=world,
+                flops_per_token=flops, peak_flops_per_worker=peak, peak_flops_source=peak_source,
+                origin=c.origin,
+            )  # fmt: skip
             if test_loss is not None:
-                result["test_ppl"] = math.exp(test_loss)
-                _write(logs, state["step"], "test", {"test_loss": test_loss, "test_ppl": math.exp(test_loss)})  # fmt: skip
+                _write(logs, state["step"], "test", {"test_loss": test_loss, "test_ppl": test_ppl})
             logs.publish()  # metrics.jsonl, when on object storage, before result.json
-            write_json(out, "result.json", result)
+            out.write_result(result)
 
     # The local disk holds the checkpoint's shard and the export at once while `finish` runs.
     folder = checkpoint.save(engine, state, np.concatenate(ledger), ckpt_root,
-                             _reported(state, scores), before_report=finish)  # fmt: skip
+                             _reported(state, scores), origin, before_report=finish)  # fmt: skip
     _note(logs, {"event": "checkpoint", "step": state["step"], "checkpoint": folder})
     if logs is not None:
         logs.close()
@@ -248,23 +258,6 @@ def _synced(batches, T: int, device):
                "mask": None if mask is None else mask.to(device), "ids": ids,
                "targets": targets, "rows_all": int(counts[0]), "targets_all": int(counts[1]),
                "wait": wait}  # fmt: skip
-
-
-def loss_sum_of(model, tokens, mask=None, per_row: bool = False):
-    """Summed next-token cross-entropy of `tokens` (b, T+1): inputs [:, :-1], targets [:, 1:];
-    a scalar, or (b,) with `per_row`.
-
-    With a `mask` (b, T+1), only tokens marked 1 count as targets (an SFT response).
-    """
-    import torch.nn.functional as F
-
-    logits = model(input_ids=tokens[:, :-1]).logits  # (b, T, V)
-    targets = tokens[:, 1:]
-    if mask is not None:
-        targets = targets.masked_fill(mask[:, 1:] == 0, -100)
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                             reduction="none")  # fmt: skip
-    return losses.view(targets.shape).sum(1) if per_row else losses.sum()
 
 
 def _evaluate(engine, batches, T: int, device) -> float:
@@ -327,14 +320,17 @@ def _samples(model, tokenizer, val, device, prompts: int = 3, new_tokens: int = 
     return out
 
 
-def _reported(state: dict, scores: dict | None) -> dict:
-    """What a checkpoint reports to Ray Train: progress and the latest validation figures
-    (val_loss, val_perplexity, each task metric's `val_<name>`), which Ray Tune's schedulers
-    decide on."""
+def _validation(scores: dict | None) -> dict:
+    """The latest validation figures: val_loss, val_ppl and each task metric's `val_<name>`."""
     figures = {k: v for k, v in (scores or {"val_loss": None}).items() if k.startswith("val_")}
     loss = figures["val_loss"]
-    return {"step": state["step"], "tokens": state["tokens"], **figures,
-            "val_perplexity": None if loss is None else math.exp(loss)}  # fmt: skip
+    return figures | {"val_ppl": None if loss is None else math.exp(loss)}
+
+
+def _reported(state: dict, scores: dict | None) -> dict:
+    """What a checkpoint reports to Ray Train: progress and the latest validation figures,
+    which Ray Tune's schedulers decide on."""
+    return {"step": state["step"], "tokens": state["tokens"], **_validation(scores)}
 
 
 def _write(logs, step: int, kind: str, values: dict) -> None:

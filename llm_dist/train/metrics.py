@@ -1,9 +1,10 @@
 """Training metrics: the device's peak FLOPs for MFU, peak memory, and the JSONL + TensorBoard log."""
 
-import json
 import os
 import resource
 import time
+
+from llm_dist.records import MetricsRow
 
 # Dense bf16 peak FLOP/s per device (vendor figures), matched on the CUDA device name.
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
@@ -44,60 +45,54 @@ def peak_memory(device) -> int:
 
 
 class MetricsLog:
-    """Rank 0's record: `metrics.jsonl` and TensorBoard events in `out` (`<run>/pretrain/` or a
-    trial's folder), and the driver's live display (a Ray queue, when there is one). For a run
-    on object storage the files are kept in a local folder and uploaded at each checkpoint and
-    at the end.
+    """Rank 0's record: `metrics.jsonl` and TensorBoard events of a `TrainFolder` (pretraining's
+    or a trial's), and the driver's live display (a Ray queue of `MetricsRow`, when there is
+    one). For a run on object storage the files are kept in a local folder and uploaded at each
+    checkpoint and at the end.
     """
 
-    def __init__(self, out: str, queue):
+    def __init__(self, out, queue):
         import tempfile
 
         from torch.utils.tensorboard import SummaryWriter
 
-        self.remote = out if "://" in out else None
-        self.folder = tempfile.mkdtemp() if self.remote else out
-        if self.remote:  # carry on the file an earlier attempt uploaded
-            from pyarrow import fs
+        from llm_dist.run_folder import TrainFolder
+        from llm_dist.storage import copy, exists
 
-            from llm_dist.manifest import filesystem
-
-            filesys, path = filesystem(self.remote)
-            if filesys.get_file_info(f"{path}/metrics.jsonl").type == fs.FileType.File:
-                fs.copy_files(f"{path}/metrics.jsonl", f"{self.folder}/metrics.jsonl", filesys)
-        os.makedirs(self.folder, exist_ok=True)
+        self.remote = out if "://" in out.uri else None
+        self.local = TrainFolder(tempfile.mkdtemp()) if self.remote else out
+        if self.remote and exists(out.metrics):  # carry on the file an earlier attempt uploaded
+            copy(out.metrics, self.local.metrics)
+        os.makedirs(self.local.uri, exist_ok=True)
         # open for the run's life, line-buffered: a reader sees every row as it is written
-        self.jsonl = open(f"{self.folder}/metrics.jsonl", "a", buffering=1)  # noqa: SIM115
-        self.tensorboard = SummaryWriter(f"{self.folder}/tensorboard")
+        self.jsonl = open(self.local.metrics, "a", buffering=1)  # noqa: SIM115
+        self.tensorboard = SummaryWriter(self.local.tensorboard)
         self.queue = queue
 
     def write(self, step: int, kind: str, values: dict) -> None:
         """A row of metrics: to the JSONL file, TensorBoard, and the driver's display."""
-        row = {"step": step, "kind": kind, "time": time.time(), **values}
-        self.jsonl.write(json.dumps(row) + "\n")
-        for key, value in values.items():
-            if isinstance(value, int | float):
-                self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+        row = MetricsRow(step=step, kind=kind, time=time.time(), **values)
+        self.jsonl.write(row.model_dump_json(exclude_none=True) + "\n")
+        for key, value in row.figures().items():
+            self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
         self.tensorboard.flush()
         if self.queue is not None:
             self.queue.put_nowait(row)
 
     def note(self, event: dict) -> None:
-        """An event (resumed, checkpoint, bad step): to the JSONL file and the display."""
-        row = {"kind": "event", "time": time.time(), **event}
-        self.jsonl.write(json.dumps(row) + "\n")
+        """An event (resumed, checkpoint, checkpoint_skipped, bad_step): to the JSONL file and
+        the display."""
+        row = MetricsRow(kind="event", time=time.time(), **event)
+        self.jsonl.write(row.model_dump_json(exclude_none=True) + "\n")
         if self.queue is not None:
             self.queue.put_nowait(row)
 
     def publish(self) -> None:
         """Upload the files when the run lives on object storage."""
         if self.remote:
-            from pyarrow import fs
+            from llm_dist.storage import copy
 
-            from llm_dist.manifest import filesystem
-
-            filesys, path = filesystem(self.remote)
-            fs.copy_files(self.folder, path, destination_filesystem=filesys)
+            copy(self.local.uri, self.remote.uri)
 
     def close(self) -> None:
         self.jsonl.close()

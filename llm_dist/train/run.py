@@ -9,46 +9,59 @@ import threading
 
 from llm_dist.base import UserError
 from llm_dist.console import VERBOSE, console
-from llm_dist.manifest import read_json
+from llm_dist.records import MetricsRow, Origin, TrainResult
+from llm_dist.run_folder import RunFolder, TrainFolder
 
 
-def run_stage(spec, run: str, tracker=None) -> dict:
-    """Pretrain (or resume pretraining) the spec's model; returns the outputs for the manifest.
+def run_stage(spec, run: str, tracker=None) -> TrainResult:
+    """Pretrain (or resume pretraining) the spec's model; returns its result.
 
-    Every metrics row the workers write reaches the live display, and `tracker` when given.
+    A finished result is reused when it was made from this spec's settings and data and has
+    trained `pretrain.max_steps`; a higher max_steps continues from its last checkpoint; other
+    settings are refused (`llm_dist.reuse`). Every metrics row the workers write reaches the
+    live display, and `tracker` when given.
     """
     from ray.util.queue import Queue
 
     from llm_dist.cluster import connect
-    from llm_dist.data.prepare import prepare
+    from llm_dist.data.prepare import current_fingerprint, prepare
+    from llm_dist.reuse import check, check_pretrain, pretrain_origin
     from llm_dist.train.checkpoint import committed
 
-    p = spec.pretrain
-    done = read_json(f"{run}/pretrain", "result.json")
-    if done is not None and done["step"] >= p.max_steps:
-        _report(done, reused=True)
+    p, folder = spec.pretrain, RunFolder(run).pretrain
+    done = folder.read_result()
+    if done is not None and done.step >= p.max_steps:
+        check_pretrain(spec, done, folder.result, current_fingerprint(spec))
+        console.print(f"pretrain: reused {folder.result} (step {done.step} of max_steps "
+                      f"{p.max_steps}, made from this spec's data, model and pretrain settings)")  # fmt: skip
+        _report(done)
         return done
     connect(spec)
     ensure_workers_fit(spec)
     data = prepare(spec)  # the data stage's output, or made now when missing
+    origin = pretrain_origin(spec, data.fingerprint)
+    if done is not None:
+        check("the pretraining result", done.origin, origin, folder.result)
     for split, least in (("train", p.num_workers), ("val", p.num_workers), ("test", 1)):
-        if data["sequences"][split] < least:
+        if data.sequences[split] < least:
             fix = "lower data.seq_len" if split == "train" else f"raise data.{split}_fraction"
             raise UserError(
-                f"data: the {split} split has {data['sequences'][split]} sequences of "
+                f"data: the {split} split has {data.sequences[split]} sequences of "
                 f"{spec.data.seq_len + 1} tokens; pretraining needs at least {least}: add "
                 f"text or {fix}"
             )
-    for folder, meta in committed(f"{run}/pretrain/checkpoints"):
+    for checkpoint, meta in committed(folder.checkpoints):
+        recorded = Origin.model_validate(meta["origin"]) if meta.get("origin") else None
+        check("the checkpoint", recorded, origin, checkpoint)
         if meta["world_size"] != p.num_workers:
             raise UserError(
-                f"pretrain.num_workers: the run's checkpoint {folder} was written by "
+                f"pretrain.num_workers: the run's checkpoint {checkpoint} was written by "
                 f"{meta['world_size']} workers and this run has {p.num_workers}; DeepSpeed's "
                 f"ZeRO shards resume only on the same number of workers: set "
                 f"pretrain.num_workers: {meta['world_size']}, or start afresh under a new name"
             )
     queue = Queue(actor_options={"num_cpus": 0})
-    trainer = make_trainer(spec, f"{run}/pretrain", data["prepared"], queue=queue)
+    trainer = make_trainer(spec, folder.uri, data.prepared, queue=queue, origin=origin)
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=_fit(trainer)), daemon=True)
     fit.start()
@@ -56,13 +69,13 @@ def run_stage(spec, run: str, tracker=None) -> dict:
         _follow(fit, queue, p.max_steps, tracker)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM; the CLI then shuts Ray down
         console.print(f"pretrain: interrupted; run the same spec again to resume from its "
-                      f"newest checkpoint in {run}/pretrain/checkpoints")  # fmt: skip
+                      f"newest checkpoint in {folder.checkpoints}")  # fmt: skip
         raise
     fit.join()
     if isinstance(outcome["result"], BaseException):
         raise outcome["result"]
-    result = read_json(f"{run}/pretrain", "result.json")
-    _report(result, reused=False)
+    result = folder.read_result()
+    _report(result)
     return result
 
 
@@ -74,8 +87,11 @@ def ensure_workers_fit(spec) -> None:
                 spec.cluster.placement_strategy, spare=DATA_CPUS)  # fmt: skip
 
 
-def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, callbacks=()):
-    """A TorchTrainer running the worker loop on `spec.pretrain`'s settings, its outputs in `out`.
+def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, callbacks=(),
+                 origin: Origin | None = None):  # fmt: skip
+    """A TorchTrainer running the worker loop on `spec.pretrain`'s settings, its outputs in the
+    TrainFolder `out`; `origin`, what pretraining is made from, goes into its checkpoints and
+    result.
 
     The pretrain stage makes one; each fine-tuning trial makes its own, with its `finetuning`
     (a `FineTuning`: the method and its settings) and `callbacks` that pass its reports to Tune.
@@ -89,7 +105,7 @@ def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, cal
 
     p, resources = spec.pretrain, worker_resources(spec)
     gpu = "GPU" in resources  # worker_resources asks for GPUs exactly when they are used
-    config = LoopConfig(spec, out, prepared, queue, finetuning, _injected_nans())
+    config = LoopConfig(spec, out, prepared, queue, finetuning, _injected_nans(), origin)
     return TorchTrainer(
         train_loop,
         train_loop_config={"loop": config},  # Ray Train hands the workers a dict
@@ -100,7 +116,7 @@ def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, cal
             placement_strategy=spec.cluster.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name="checkpoints", storage_path=out, callbacks=list(callbacks),
+            name=TrainFolder.CHECKPOINTS, storage_path=out, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.keep_checkpoints),
         ),
@@ -153,45 +169,48 @@ def _follow(fit: threading.Thread, queue, total: int, tracker) -> None:
                 continue
             if tracker:
                 tracker.log_row("pretrain", row)
-            train = row["kind"] == "train"
-            show = (
-                VERBOSE.is_set()
-                or row["kind"] in ("eval", "test")
-                or row.get("event") == "bad_step"
-            )
-            if train and not console.is_terminal and row["step"] >= next_line:
-                show, next_line = True, row["step"] + every
+            train = row.kind == "train"
+            # a resume and a torn checkpoint passed over are always said, as evaluations are
+            show = VERBOSE.is_set() or row.kind in ("eval", "test") or row.event in ALWAYS_SAID
+            if train and not console.is_terminal and row.step >= next_line:
+                show, next_line = True, row.step + every
             if show:
                 progress.console.print(_line(row), soft_wrap=True)
             if train:
-                info = f"loss {row['loss']:.3f} · {row['tokens_per_s']:,.0f} tok/s · MFU {row['mfu']:.1%}"
-                progress.update(task, completed=row["step"], info=info)
+                info = f"loss {row.loss:.3f} · {row.tokens_per_s:,.0f} tok/s · MFU {row.mfu:.1%}"
+                progress.update(task, completed=row.step, info=info)
 
 
-def _line(row: dict) -> str:
-    kind, step = row["kind"], row.get("step")
+ALWAYS_SAID = ("bad_step", "resumed", "checkpoint_skipped")
+
+
+def _line(row: MetricsRow) -> str:
+    kind, step = row.kind, row.step
     if kind == "train":
-        return (f"step {step}/{row['max_steps']}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-                f"grad norm {row['grad_norm'] or 0:.3f}  {row['tokens_per_s']:,.0f} tok/s "
-                f"({row['tokens_per_s_per_worker']:,.0f}/worker)  MFU {row['mfu']:.2%}  "
-                f"data wait {row['data_wait']:.1%}  peak mem {row['peak_memory_gb']:.2f} GB")  # fmt: skip
-    if kind in ("eval", "test"):
-        split = "val" if kind == "eval" else "test"
-        return (
-            f"step {step}  {split} loss {row[f'{split}_loss']:.4f}  ppl {row[f'{split}_ppl']:.2f}"
-        )
-    if row.get("event") == "bad_step":
-        return f"step {step}: NaN/inf loss or gradient, step skipped ({row['in_a_row']} in a row)"
-    return f"{row['event']} at step {step}: {row.get('checkpoint', '')}"
+        return (f"step {step}/{row.max_steps}  loss {row.loss:.4f}  lr {row.lr:.2e}  "
+                f"grad norm {row.grad_norm or 0:.3f}  {row.tokens_per_s:,.0f} tok/s "
+                f"({row.tokens_per_s_per_worker:,.0f}/worker)  MFU {row.mfu:.2%}  "
+                f"data wait {row.data_wait:.1%}  peak mem {row.peak_memory_gb:.2f} GB")  # fmt: skip
+    if kind == "eval":
+        return f"step {step}  val loss {row.val_loss:.4f}  ppl {row.val_ppl:.2f}"
+    if kind == "test":
+        return f"step {step}  test loss {row.test_loss:.4f}  ppl {row.test_ppl:.2f}"
+    if row.event == "bad_step":
+        return f"step {step}: NaN/inf loss or gradient, step skipped ({row.in_a_row} in a row)"
+    if row.event == "resumed":
+        return f"pretrain: resumed at step {step} from the checkpoint {row.checkpoint}"
+    if row.event == "checkpoint_skipped":
+        return (f"pretrain: the checkpoint {row.checkpoint} is not whole ({row.reason}); "
+                "falling back to the one before it")  # fmt: skip
+    return f"{row.event} at step {step}: {row.checkpoint or ''}"
 
 
-def _report(result: dict, reused: bool) -> None:
-    start = result["val_loss_at_start"]
+def _report(result: TrainResult) -> None:
+    start, val = result.val_loss_at_start, result.val["val_loss"]
     console.print(
-        f"pretrain{' (already finished)' if reused else ''}: {result['step']} steps, "
-        f"{result['tokens']:,} tokens, {result['bad_steps']} bad steps skipped; val loss "
-        f"{'' if start is None else f'{start:.3f} -> '}{result['val_loss']:.3f}; test loss "
-        f"{result['test_loss']:.3f} (ppl {result['test_ppl']:.1f}); export: {result['export']}"
+        f"pretrain: {result.step} steps, {result.tokens:,} tokens, {result.bad_steps} bad steps "
+        f"skipped; val loss {'' if start is None else f'{start:.3f} -> '}{val:.3f}; test loss "
+        f"{result.test_loss:.3f} (ppl {result.test_ppl:.1f}); export: {result.export}"
     )
-    for sample in result["samples"]:
-        console.print(f"  [bold]{sample['prompt']!r}[/bold] -> {sample['completion']!r}")
+    for sample in result.samples:
+        console.print(f"  [bold]{sample.prompt!r}[/bold] -> {sample.completion!r}")

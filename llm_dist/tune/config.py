@@ -142,16 +142,18 @@ class TuneConfig(Section):
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Trials running at once; empty lets Ray fill the cluster."""
     metric: str = "val_loss"
-    """The validation metric that ranks trials and that ASHA decides on: val_loss, val_perplexity, or `val_<name>` of a metric in tune.task.metrics (val_accuracy, val_rouge_l, ...)."""
+    """The validation metric that ranks trials and that ASHA decides on: val_loss, val_ppl (perplexity), or `val_<name>` of a metric in tune.task.metrics (val_accuracy, val_rouge_l, ...)."""
     mode: Literal["min", "max"] | None = None
-    """Whether a lower or higher metric wins; empty: min for val_loss and val_perplexity, max for the task metrics."""
+    """Whether a lower or higher metric wins; empty: min for val_loss and val_ppl, max for the task metrics."""
 
     @model_validator(mode="after")
     def _check(self):
         problems = []
-        lower = ("val_loss", "val_perplexity")
+        lower = ("val_loss", "val_ppl")
         known = [*lower, *(f"val_{m}" for m in self.task.metrics)]
-        if self.metric not in known:
+        if self.metric == "val_perplexity":
+            problems.append("tune.metric: val_perplexity is reported as val_ppl; use val_ppl")
+        elif self.metric not in known:
             allowed = CLASSIFICATION if self.task.format == "classify" else GENERATION
             fix = (f"add {self.metric[4:]} to tune.task.metrics" if self.metric[4:] in allowed
                    else f"see tune.task.metrics (format {self.task.format})")  # fmt: skip

@@ -17,78 +17,85 @@ from ray import tune  # this module is imported only when the tune stage runs
 
 from llm_dist.base import UserError
 from llm_dist.console import console, status
-from llm_dist.manifest import read_json
+from llm_dist.records import TrainResult, Winner
+from llm_dist.run_folder import RunFolder
 from llm_dist.tune.config import TUNABLE
 from llm_dist.tune.display import SweepDisplay
 
 TRIAL_CPU = 0.01  # the trial's own process only waits on its trainer; Tune needs a nonzero ask
 
 
-def run_stage(spec, run: str, resume: bool = False, tracker=None) -> dict:
-    """Run (or resume) the sweep, pick and score the winner; returns winner.json's content.
+def run_stage(spec, run: str, resume: bool = False, tracker=None) -> Winner:
+    """Run (or resume) the sweep, pick and score the winner; returns it (winner.json).
 
-    With a `tracker` (`llm_dist.tracking.Tracker`), each trial is an MLflow run of its own.
+    A finished sweep is reused when it was made from this spec's tune settings and base model
+    (`llm_dist.reuse`), and refused otherwise. With a `tracker` (`llm_dist.tracking.Tracker`),
+    each trial is an MLflow run of its own.
     """
-    from pyarrow import fs
     from pydantic import ValidationError
 
     from llm_dist.cluster import connect
-    from llm_dist.manifest import filesystem
+    from llm_dist.reuse import check, tune_origin
     from llm_dist.spec import JobSpec
+    from llm_dist.storage import exists
     from llm_dist.tune.task import prepare_task
     from llm_dist.tune.winner import pick_winner
 
-    t = spec.tune
-    done = read_json(run, "winner.json")
+    t, folder = spec.tune, RunFolder(run)
+    base, base_result = _base_model(spec, run)
+    origin = tune_origin(spec, base, base_result)
+    done = folder.read_winner()
     if done is not None and not resume:
-        _report_done(done)
+        check("the tune winner", done.origin, origin, folder.winner)
+        _report_done(done, folder.winner)
         return done
-    base = _base_model(spec, run)
     connect(spec)  # before Ray Data reads the task, which would start a default Ray
     concurrency = ensure_trials_fit(spec)
     task = prepare_task(spec, base)  # a clear error here, before any trial starts
     if t.task.format != "text":  # the data stage reports its own counts
-        splits = ", ".join(f"{k} {v:,}" for k, v in task["sequences"].items())
-        prepared = sum(task["sequences"].values())
-        line = f"tune.task: {prepared:,} of {task['records']:,} records prepared ({splits})"
-        if task["unusable"]:
-            left_out = ", ".join(f"{k} {v:,}" for k, v in sorted(task["unusable"].items()))
-            line += f"; left out: {left_out}, listed in {task['quarantine']}"
+        splits = ", ".join(f"{k} {v:,}" for k, v in task.sequences.items())
+        prepared = sum(task.sequences.values())
+        line = f"tune.task: {prepared:,} of {task.records:,} records prepared ({splits})"
+        if task.reused:
+            line += f", reused from {task.prepared}"
+        if task.unusable:
+            left_out = ", ".join(f"{k} {v:,}" for k, v in sorted(task.unusable.items()))
+            line += f"; left out: {left_out}, listed in {task.quarantine}"
         console.print(line)
     for split, least in (("train", t.num_workers), ("val", t.num_workers), ("test", 1)):
-        if task["sequences"][split] < least:
+        if task.sequences[split] < least:
             fix = "add records" + (
                 "" if split == "train" else f" or raise tune.task.{split}_fraction"
             )
             raise UserError(
-                f"tune.task: the {split} split has {task['sequences'][split]} records; the "
+                f"tune.task: the {split} split has {task.sequences[split]} records; the "
                 f"sweep needs at least {least} (tune.num_workers is {t.num_workers}): {fix}"
             )
-    first = trial_spec(spec, {k: getattr(t, k) for k in TUNABLE}, base, task["sequences"]["val"])
-    try:  # what each trial's workers check, with the base model in place of `model`
+    first = trial_spec(spec, {k: getattr(t, k) for k in TUNABLE}, base, task.sequences["val"])
+    try:  # the cross-field checks, with the base model in place of `model`
         JobSpec.model_validate(first.model_dump(mode="json"))
     except ValidationError as e:
         problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
         raise UserError(f"tune: with the base model {base}: {problems}") from None
-    sweep = f"{run}/tune/sweep"
-    filesys, path = filesystem(sweep)
-    exists = filesys.get_file_info(path).type != fs.FileType.NotFound
-    context = {"spec": spec.model_dump(mode="json"), "run": run, "base": base,
-               "prepared": task["prepared"], "val_rows": task["sequences"]["val"]}  # fmt: skip
-    trainable = tune.with_resources(tune.with_parameters(_trial, context=context),
-                                    {"CPU": TRIAL_CPU})  # fmt: skip
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, spec=spec, run=run, base=base, prepared=task.prepared,
+                             val_rows=task.sequences["val"]),
+        {"CPU": TRIAL_CPU},
+    )  # fmt: skip
     display = SweepDisplay(t.metric, t.mode, t.max_steps)
     if resume:
-        if not exists or not tune.Tuner.can_restore(sweep):
-            raise UserError(f"tune: no sweep to resume in {sweep}; run without --resume")
-        tuner = tune.Tuner.restore(sweep, trainable, resume_unfinished=True,
+        if not exists(folder.sweep) or not tune.Tuner.can_restore(folder.sweep):
+            raise UserError(f"tune: no sweep to resume in {folder.sweep}; run without --resume")
+        check("the sweep", folder.read_sweep_origin(), origin, folder.sweep)
+        tuner = tune.Tuner.restore(folder.sweep, trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)  # fmt: skip
-    elif exists:
+    elif exists(folder.sweep):
         raise UserError(
-            f"tune: an unfinished sweep is in {sweep}; continue it with `llm-dist tune SPEC "
-            "--resume`, or delete that folder to start over"
+            f"tune: an unfinished sweep is in {folder.sweep}; continue it with `llm-dist tune "
+            "SPEC --resume`, or delete that folder to start over"
         )
     else:
+        folder.write_sweep_origin(origin)
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(t.search_space),
@@ -100,9 +107,9 @@ def run_stage(spec, run: str, resume: bool = False, tracker=None) -> dict:
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
-                name="sweep", storage_path=f"{run}/tune",
+                name=folder.sweep.rsplit("/", 1)[1], storage_path=folder.tune,
                 failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                callbacks=[_Completed(f"{run}/tune"), display,
+                callbacks=[_Completed(run), display,
                            *filter(None, [tracker and tracker.trial_callback()])],
             ),
         )  # fmt: skip
@@ -117,28 +124,25 @@ def run_stage(spec, run: str, resume: bool = False, tracker=None) -> dict:
     expected = t.num_samples * math.prod(
         len(args) for dim in t.search_space.values() for kind, args in dim.items() if kind == "grid"
     )
-    done_ids = set(read_json(f"{run}/tune", "completed.json") or [])
+    done_ids = folder.completed_trials()
     ended = [r for r in results if r.error or os.path.basename(r.path) in done_ids]
     if len(ended) < expected:  # Ctrl-C: Tune saved its state and ended the unfinished trials
         console.print(f"tune: the sweep was interrupted; continue it with `llm-dist tune SPEC "
-                      f"--resume` (state in {sweep})")  # fmt: skip
+                      f"--resume` (state in {folder.sweep})")  # fmt: skip
         raise KeyboardInterrupt
-    return pick_winner(spec, run, results, base, task, seconds)
+    return pick_winner(spec, run, results, base, base_result, task, seconds, origin)
 
 
 class _Completed(tune.Callback):
-    """Records, in `<folder>/completed.json`, every trial that ended by itself: it finished or
-    the scheduler stopped it. Trials Tune ends because the sweep was interrupted are not
-    recorded, which tells an interrupted sweep from a finished one. Restored with the sweep."""
+    """Records in the run folder every trial that ended by itself: it finished or the scheduler
+    stopped it. Trials Tune ends because the sweep was interrupted are not recorded, which tells
+    an interrupted sweep from a finished one. Restored with the sweep."""
 
-    def __init__(self, folder: str):
-        self.folder = folder
+    def __init__(self, run: str):
+        self.run = run
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from llm_dist.manifest import write_json
-
-        ids = set(read_json(self.folder, "completed.json") or []) | {trial.trial_id}
-        write_json(self.folder, "completed.json", sorted(ids))
+        RunFolder(self.run).add_completed(trial.trial_id)
 
 
 def search_space(space: dict) -> dict:
@@ -173,47 +177,50 @@ def trial_spec(spec, trial: dict, base: str, val_rows: int):
     return spec.model_copy(update={"pretrain": pretrain, "model": model})
 
 
-def _trial(settings: dict, context: dict) -> None:
-    """One trial (runs in a Tune trial actor): the pretrain loop as a fine-tuning run."""
+def _trial(settings: dict, spec, run: str, base: str, prepared: str, val_rows: int) -> None:
+    """One trial (runs in a Tune trial actor): the pretrain loop as a fine-tuning run of `base`
+    on the task data in `prepared`, with the typed `spec` of the sweep."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from llm_dist.finetune.methods import FineTuning
-    from llm_dist.spec import JobSpec
     from llm_dist.train.run import make_trainer
 
-    spec = JobSpec.model_validate(context["spec"])
     trial = {**{k: getattr(spec.tune, k) for k in TUNABLE}, **settings}
     finetuning = FineTuning.model_validate(
         {k: trial.get(k, getattr(spec.tune, k)) for k in FineTuning.model_fields}
     )
-    out = f"{context['run']}/tune/trials/{tune.get_context().get_trial_id()}"
-    run_spec = trial_spec(spec, trial, context["base"], context["val_rows"])
-    make_trainer(run_spec, out, context["prepared"], finetuning=finetuning,
+    out = RunFolder(run).trial(tune.get_context().get_trial_id()).uri
+    make_trainer(trial_spec(spec, trial, base, val_rows), out, prepared, finetuning=finetuning,
                  callbacks=[TuneReportCallback()]).fit()  # fmt: skip
 
 
-def _base_model(spec, run: str) -> str:
+def _base_model(spec, run: str) -> tuple[str, TrainResult | None]:
     """The model folder trials start from, checked: it loads, has a tokenizer that fits it, and
-    every method the sweep can draw fits its architecture."""
+    every method the sweep can draw fits its architecture; with this run's pretraining result
+    when the base is its export (checked to be made from this spec)."""
     from pathlib import Path
 
+    from llm_dist.finetune.methods import check_base
+    from llm_dist.model import check_folder
+    from llm_dist.reuse import check_pretrain
+    from llm_dist.storage import local_folder
+
+    result = None
     if spec.tune.base_model:
         base, field = spec.tune.base_model, "tune.base_model"
     else:
-        done = read_json(f"{run}/pretrain", "result.json")
-        if done is None:
+        pretrain = RunFolder(run).pretrain
+        result = pretrain.read_result()
+        if result is None:
             raise UserError(
-                f"tune.base_model: empty, and this run has no pretrain export ({run}/pretrain/"
-                "result.json is missing); run the pretrain stage first or name a model folder"
+                f"tune.base_model: empty, and this run has no pretrain export ({pretrain.result} "
+                "is missing); run the pretrain stage first or name a model folder"
             )
-        base, field = done["export"], "the pretrain export"
-    from llm_dist.finetune.methods import check_base
-    from llm_dist.manifest import local_folder
-    from llm_dist.model import check_folder
-
+        check_pretrain(spec, result, pretrain.result)
+        base, field = result.export, "the pretrain export"
     check_folder(base, field)
     check_base(local_folder(base), spec.tune)
-    return base if "://" in base else str(Path(base).resolve())
+    return (base if "://" in base else str(Path(base).resolve())), result
 
 
 def _searcher(t, concurrency: int):
@@ -260,10 +267,10 @@ def ensure_trials_fit(spec) -> int:
     return max(1, room(bundle, "PACK", nodes, DATA_CPUS + TRIAL_CPU * most) // t.num_workers)
 
 
-def _report_done(winner: dict) -> None:
-    tests = "; ".join(f"test {m} {v['winner']:.4f} (base {v['base']:.4f})"
-                      for m, v in winner.get("test", {}).items())  # fmt: skip
+def _report_done(winner: Winner, where: str) -> None:
+    tests = "; ".join(f"test {m} {v.winner:.4f} (base {v.base:.4f})"
+                      for m, v in winner.test.items())  # fmt: skip
     console.print(
-        f"tune (already finished): winner {winner['trial_id']} "
-        f"{winner['metric']} {winner['value']:.4f}; {tests}; export: {winner['export']}"
+        f"tune: reused {where} (made from this spec's tune settings and base model): winner "
+        f"{winner.trial_id} {winner.metric} {winner.value:.4f}; {tests}; export: {winner.export}"
     )

@@ -30,14 +30,17 @@ from llm_dist.base import UserError
 from llm_dist.data import corpus
 from llm_dist.data.pack import SPLITS
 from llm_dist.finetune.formats import DEFAULT_CHAT_TEMPLATE
-from llm_dist.manifest import filesystem, read_json, save_into, storage_uri, write_json
+from llm_dist.records import TaskData
+from llm_dist.run_folder import PreparedFolder, prepared_folder
+from llm_dist.storage import filesystem, save_into
 
 _TOKENIZERS: dict[str, object] = {}  # per Ray worker process: load the tokenizer once
 _ANSWERS: dict[tuple[str, str], list[int]] = {}  # and encode each label's answer once
 
 
-def prepare_task(spec, base: str) -> dict:
-    """Prepare (or reuse) the task data for fine-tuning `base`; returns its `prepared.json`.
+def prepare_task(spec, base: str) -> TaskData:
+    """Prepare (or reuse) the task data for fine-tuning `base`; returns what `prepared.json`
+    records (format text: the data stage's record, in this form).
 
     Raises UserError when a source cannot be listed, no record is usable, or more than
     `tune.task.max_bad_fraction` of them are unusable for a reason other than too_long (each
@@ -46,7 +49,7 @@ def prepare_task(spec, base: str) -> dict:
     from llm_dist.data.read import read_corpus
     from llm_dist.data.tokenizer import load
     from llm_dist.finetune.formats import Unusable, answer_ids, encode, fields
-    from llm_dist.manifest import local_folder
+    from llm_dist.storage import local_folder
 
     t, base = spec.tune.task, local_folder(base)
     if t.format == "text":
@@ -57,7 +60,11 @@ def prepare_task(spec, base: str) -> dict:
             "test_fraction": t.test_fraction,
             "tokenizer": spec.data.tokenizer.model_copy(update={"path": base}),
         })  # fmt: skip
-        return prepare(spec.model_copy(update={"data": data}))
+        done = prepare(spec.model_copy(update={"data": data}))
+        return TaskData(prepared=done.prepared, format="text", tokenizer=done.tokenizer,
+                        seq_len=done.seq_len, quarantine=done.quarantine, records=done.records,
+                        sequences=done.sequences, unusable=done.bad | done.dropped,
+                        reused=done.reused)  # fmt: skip
 
     files = corpus.expand_sources(t.sources, "tune.task.sources")
     for path, _, _ in files:
@@ -79,12 +86,12 @@ def prepare_task(spec, base: str) -> dict:
     settings = t.model_dump(exclude={"metrics", "max_new_tokens", "stop"})  # evaluation only
     key = {"files": files, "task": settings, "seq_len": spec.data.seq_len,
            "seed": spec.data.seed, "tokenizer": tokenizer.backend_tokenizer.to_str(),
-           "template": tokenizer.chat_template, "version": 3}  # fmt: skip
+           "template": tokenizer.chat_template, "version": 4}  # 4: a typed TaskData  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    root = storage_uri(spec, "prepared", f"task-{digest}")
-    done = read_json(root, "prepared.json")
+    folder = prepared_folder(spec, f"task-{digest}")
+    done = folder.read(TaskData)
     if done is not None:
-        return {**done, "reused": True}
+        return done.model_copy(update={"reused": True})
 
     import ray
 
@@ -92,14 +99,14 @@ def prepare_task(spec, base: str) -> dict:
 
     connect(spec)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # stable ids
-    save_into(tokenizer.save_pretrained, f"{root}/tokenizer")  # what the Ray Data tasks load
+    save_into(tokenizer.save_pretrained, folder.tokenizer)  # what the Ray Data tasks load
     records = read_corpus([f[0] for f in files], spec.data, fields(t))
     windows = records.map_batches(
         _encode, batch_format="pyarrow", batch_size=256,
-        fn_kwargs={"tokenizer": f"{root}/tokenizer", "t": t, "width": spec.data.seq_len + 1,
+        fn_kwargs={"tokenizer": folder.tokenizer, "t": t, "width": spec.data.seq_len + 1,
                    "seed": spec.data.seed},
     )  # fmt: skip
-    stats = _write(windows, spec.data.seq_len + 1, root)
+    stats = _write(windows, spec.data.seq_len + 1, folder)
     n, unusable = stats["records"], stats["unusable"]
     bad = sum(v for k, v in unusable.items() if k != "too_long")  # too long: data.seq_len's doing
     counts = ", ".join(f"{k} {v:,}" for k, v in sorted(unusable.items())) or "none"
@@ -107,7 +114,7 @@ def prepare_task(spec, base: str) -> dict:
         raise UserError(
             f"tune.task: {bad:,} of {n:,} records are unusable ({counts}; "
             f"tune.task.max_bad_fraction is {t.max_bad_fraction}, too_long not counted), listed "
-            f"with file, line and reason in {root}/quarantine.jsonl: fix those records, check "
+            f"with file, line and reason in {folder.quarantine}: fix those records, check "
             f"the tune.task *_field names of format {t.format}, raise data.seq_len if records "
             "are too long, or raise tune.task.max_bad_fraction"
         )
@@ -124,10 +131,10 @@ def prepare_task(spec, base: str) -> dict:
                                 f"{labels[i]!r} render as the same answer tokens (the chat "
                                 "template trims them?); make them differ")  # fmt: skip
         stats |= {"labels": labels, "label_ids": label_ids}
-    stats = {"prepared": root, "format": t.format, "tokenizer": f"{root}/tokenizer",
-             "seq_len": spec.data.seq_len, "quarantine": f"{root}/quarantine.jsonl", **stats}  # fmt: skip
-    write_json(root, "prepared.json", stats)
-    return {**stats, "reused": False}
+    result = TaskData(prepared=folder.uri, format=t.format, tokenizer=folder.tokenizer,
+                      seq_len=spec.data.seq_len, quarantine=folder.quarantine, **stats)  # fmt: skip
+    folder.commit(result)
+    return result
 
 
 def _encode(batch, tokenizer: str, t, width: int, seed: int):
@@ -138,7 +145,7 @@ def _encode(batch, tokenizer: str, t, width: int, seed: int):
 
     from llm_dist.data.tokenizer import load
     from llm_dist.finetune.formats import Unusable, answer_ids, conversation, encode
-    from llm_dist.manifest import local_folder
+    from llm_dist.storage import local_folder
 
     if tokenizer not in _TOKENIZERS:
         _TOKENIZERS[tokenizer] = load(local_folder(tokenizer))
@@ -183,22 +190,23 @@ def _encode(batch, tokenizer: str, t, width: int, seed: int):
     })  # fmt: skip
 
 
-def _write(windows, width: int, root: str) -> dict:
+def _write(windows, width: int, folder: PreparedFolder) -> dict:
     """Number the usable windows in order, write one Parquet file per split and the quarantine."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    filesys, path = filesystem(root)
+    filesys, path = filesystem(folder.uri)
+    local = PreparedFolder(path)
     schema = pa.schema([("id", pa.int64()), ("tokens", pa.list_(pa.int32(), width)),
                         ("mask", pa.list_(pa.int8(), width))])  # fmt: skip
     writers = {}
     for name in SPLITS:
-        filesys.create_dir(f"{path}/{name}", recursive=True)
-        writers[name] = pq.ParquetWriter(f"{path}/{name}/part-00000.parquet", schema,
+        filesys.create_dir(local.split(name), recursive=True)
+        writers[name] = pq.ParquetWriter(f"{local.split(name)}/part-00000.parquet", schema,
                                          filesystem=filesys)  # fmt: skip
     sequences, unusable, records, next_id, labels = dict.fromkeys(SPLITS, 0), {}, 0, 0, set()
-    quarantine = filesys.open_output_stream(f"{path}/quarantine.jsonl")
+    quarantine = filesys.open_output_stream(local.quarantine)
     for table in windows.iter_batches(batch_format="pyarrow", batch_size=None):
         records += table.num_rows
         bad = table.filter(pc.is_valid(table["reason"])).select(

@@ -1,5 +1,5 @@
-"""MLflow tracking: a parent run per llm-dist run, a nested run per stage and per tune trial, and
-the sweep's winner registered as a model version with its lineage.
+"""MLflow tracking on the driver: a parent run per llm-dist run, a nested run per stage and per
+tune trial, and the sweep's winner registered as a model version with its lineage.
 
 Tracking is on when `tracking.tracking_uri` or the standard `MLFLOW_TRACKING_URI` names a
 store; off otherwise (the run folder and its report.html are the record). Only the driver talks
@@ -25,27 +25,15 @@ import json
 import os
 import time
 
-from llm_dist.base import Section
+from llm_dist.base import flat
 from llm_dist.console import console
+from llm_dist.records import DataResult, MetricsRow, Winner
+from llm_dist.run_folder import RunFolder
+from llm_dist.tracking.config import PARENT, RUN, STAGE, TRIAL, quoted, short
 
-RUN = "llm_dist.run_folder"  # tag: which run folder an MLflow run records
-STAGE = "llm_dist.stage"  # tag: "run" for the parent, else the stage; "trial" for a trial
-TRIAL = "llm_dist.trial_id"
-PARENT = "mlflow.parentRunId"  # MLflow's own tag for a nested run
 FLUSH_S = 10  # how often pretraining's rows go to the store
 ROW_METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait", "peak_memory_gb",
                "val_loss", "val_ppl", "test_loss", "test_ppl")  # fmt: skip
-
-
-class TrackingConfig(Section):
-    """MLflow tracking: off unless a tracking URI is set here or in MLFLOW_TRACKING_URI."""
-
-    tracking_uri: str | None = None
-    """MLflow tracking URI (http://host:5000, databricks, sqlite:///mlflow.db); empty: the MLFLOW_TRACKING_URI environment variable; with neither, tracking is off."""
-    experiment_name: str = "llm-dist"
-    """The MLflow experiment the run goes in (created when missing)."""
-    registered_model_name: str | None = None
-    """The registered model the tune winner becomes a version of; empty: the run's name."""
 
 
 class Tracker:
@@ -66,7 +54,7 @@ class Tracker:
             yield
         except Exception as e:  # the tracking store failed: the run folder stays the record
             if self.on:
-                console.print(f"[yellow]tracking: MLflow at {self.uri} failed ({_short(e)}); "
+                console.print(f"[yellow]tracking: MLflow at {self.uri} failed ({short(e)}); "
                               f"the run goes on untracked; its record stays in {self.run}[/]")  # fmt: skip
             self.on = False
 
@@ -76,7 +64,7 @@ class Tracker:
             if not self.on:
                 return
             found = self._find(
-                f"tags.`{PARENT}` = {_q(self.parent)} and tags.`{STAGE}` = {_q(stage)}"
+                f"tags.`{PARENT}` = {quoted(self.parent)} and tags.`{STAGE}` = {quoted(stage)}"
             )
             if found:  # a rerun: the stage runs again
                 self.client.update_run(found, "RUNNING")
@@ -86,20 +74,16 @@ class Tracker:
             sections = {"data": ["data"], "pretrain": ["model", "pretrain"], "tune": ["tune"],
                         "serve": ["serve"]}[stage]  # fmt: skip
             effective = self.spec.model_dump(mode="json")
-            self._params(run_id, _flat({k: effective[k] for k in sections}))
+            self._params(run_id, flat({k: effective[k] for k in sections}))
             self.stages[stage] = run_id
 
-    def log_row(self, stage: str, row: dict) -> None:
+    def log_row(self, stage: str, row: MetricsRow) -> None:
         """One metrics row of the worker loop (`MetricsLog.write`) at its step. Rows are sent in
         batches every FLUSH_S seconds and when the stage ends, so a slow store costs one
         request per batch, and a dead one one warning, not a queue of retries."""
-        from mlflow.entities import Metric
-
-        if not self.on or stage not in self.stages:
+        if not self.on or stage not in self.stages or row.step is None:
             return
-        ms = int(row["time"] * 1000)
-        self.rows += [Metric(k, float(row[k]), ms, row["step"]) for k in ROW_METRICS
-                      if isinstance(row.get(k), int | float)]  # fmt: skip
+        self.rows += _metrics(row, ROW_METRICS)
         if time.monotonic() - self.flushed > FLUSH_S:
             self._flush(stage)
 
@@ -113,13 +97,14 @@ class Tracker:
         """Ray Tune's MLflow logger for the sweep's trials, nested under the tune run."""
         if not self.on or "tune" not in self.stages:
             return None
-        from llm_dist.tune.trial_runs import TrialRuns
+        from llm_dist.tracking.trials import TrialRuns
 
         return TrialRuns(self.uri, experiment_name=self.spec.tracking.experiment_name,
                          tags={PARENT: self.stages["tune"], STAGE: "trial", RUN: self.run})  # fmt: skip
 
-    def end_stage(self, stage: str, status: str, outputs: dict | None) -> None:
-        """Log what the stage left in the run folder, then close its run with `status`."""
+    def end_stage(self, stage: str, status: str, outputs=None) -> None:
+        """Log what the stage left in the run folder (`outputs`, its record), then close its
+        run with `status`."""
         run_id = self.stages.get(stage)
         with self._guard():
             if not self.on or run_id is None:
@@ -143,95 +128,79 @@ class Tracker:
             if self.on:
                 self.client.set_terminated(self.parent, status)
 
-    def _outputs(self, stage: str, run_id: str, outputs: dict) -> None:
+    def _outputs(self, stage: str, run_id: str, record) -> None:
         from mlflow.entities import Metric
 
+        folder = RunFolder(self.run)
+        outputs = record.model_dump(mode="json")
         live = ROW_METRICS if stage == "pretrain" else ()  # already there, each at its step
-        numbers = {k: v for k, v in _flat(outputs).items()
+        numbers = {k: v for k, v in flat(outputs).items()
                    if isinstance(v, int | float) and not isinstance(v, bool) and k not in live}  # fmt: skip
         step = outputs.get("step") if isinstance(outputs.get("step"), int) else 0
         metrics = [Metric(k, float(v), 0, step) for k, v in numbers.items()]
-        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a request
-            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+        if isinstance(record, DataResult):  # 0 too, where no reason has a count
+            metrics += [Metric(f"{k}.total", float(sum(getattr(record, k).values())), 0, 0)
+                        for k in ("bad", "dropped")]  # fmt: skip
+        self._batch(run_id, metrics)
         self.client.log_dict(run_id, outputs, "outputs.json")
-        if stage == "data":
-            totals = [Metric(f"{k}.total", float(sum(outputs.get(k, {}).values())), 0, 0)
-                      for k in ("bad", "dropped")]  # fmt: skip
-            self.client.log_batch(run_id, metrics=totals)  # 0 too, where no reason has a count
-            counts = {k: outputs.get(k) for k in ("bad", "dropped", "records", "documents")}
+        if isinstance(record, DataResult):
+            counts = {k: outputs[k] for k in ("bad", "dropped", "records", "documents")}
             self.client.log_dict(run_id, counts, "quarantine.json")
         elif stage == "pretrain":
-            self._copy(run_id, f"{self.run}/pretrain", ["metrics.jsonl", "result.json"])
-        elif stage == "tune":
-            self._copy(run_id, self.run, ["winner.json"])
-            self._copy(run_id, f"{self.run}/tune", ["results.csv"])
-            self._trials(outputs)
+            self._copy(run_id, [folder.pretrain.metrics, folder.pretrain.result])
+        elif isinstance(record, Winner):
+            self._copy(run_id, [folder.winner, folder.results])
+            self._trials(record)
 
-    def _trials(self, winner: dict) -> None:
+    def _trials(self, winner: Winner) -> None:
         """Each trial run gets the status results.csv gives it (finished, stopped early...) and
         what its folder holds; the winner's export is registered from its run."""
-        import pyarrow.csv as pcsv
-
-        from llm_dist.manifest import filesystem
-
-        filesys, path = filesystem(winner["results"])
-        with filesys.open_input_stream(path) as f:
-            rows = pcsv.read_csv(f).to_pylist()
+        folder = RunFolder(self.run)
         runs, token = {}, None  # trial id -> its run, the newest where a trial has several
         while True:
             page = self.client.search_runs(
-                [self.experiment_id], f"tags.`{PARENT}` = {_q(self.stages['tune'])}",
+                [self.experiment_id], f"tags.`{PARENT}` = {quoted(self.stages['tune'])}",
                 max_results=1000, order_by=["attributes.start_time DESC"], page_token=token)  # fmt: skip
             for found in page:
                 runs.setdefault(found.data.tags.get(TRIAL), found.info.run_id)
             if not (token := page.token):
                 break
-        for row in rows:
-            if run_id := runs.get(row["trial_id"]):
-                self.client.set_tag(run_id, "llm_dist.status", row["status"])
-                self.client.set_tag(run_id, "llm_dist.winner", str(row["trial_id"] == winner["trial_id"]).lower())  # fmt: skip
-                self._trial_rows(
-                    run_id, f"{self.run}/tune/trials/{row['trial_id']}", winner["metric"]
-                )
-        if run_id := runs.get(winner["trial_id"]):
+        for row in folder.read_results():
+            if run_id := runs.get(row.trial_id):
+                self.client.set_tag(run_id, "llm_dist.status", row.status)
+                self.client.set_tag(run_id, "llm_dist.winner", str(row.trial_id == winner.trial_id).lower())  # fmt: skip
+                self._trial_rows(run_id, row.trial_id, winner.metric)
+        if run_id := runs.get(winner.trial_id):
             self._register(winner, run_id)
 
-    def _trial_rows(self, run_id: str, folder: str, metric: str) -> None:
+    def _trial_rows(self, run_id: str, trial_id: str, metric: str) -> None:
         """A trial's training rows, the evaluations Tune did not hand over as they came (a final
-        report reaches Tune with the trial's completion), and its metrics.jsonl."""
-        from mlflow.entities import Metric
+        report reaches Tune with the trial's completion), and its metrics.jsonl. A torn line
+        (a trial killed mid-write) costs that line only."""
+        trial = RunFolder(self.run).trial(trial_id)
+        live = {m.step for m in self.client.get_metric_history(run_id, metric)}
+        metrics = []
+        for row in trial.read_metrics():
+            if row.kind == "train":
+                metrics += _metrics(row, ROW_METRICS)
+            elif row.kind == "eval" and row.step not in live:
+                metrics += _metrics(row, [k for k in row.figures() if k.startswith("val_")])
+        self._batch(run_id, metrics)
+        self._copy(run_id, [trial.metrics])
 
-        from llm_dist.manifest import filesystem
-
-        filesys, path = filesystem(f"{folder}/metrics.jsonl")
-        with contextlib.suppress(FileNotFoundError), filesys.open_input_stream(path) as f:
-            text = f.read().decode()
-            live = {m.step for m in self.client.get_metric_history(run_id, metric)}
-            metrics = []
-            for row in (json.loads(line) for line in text.splitlines() if line.strip()):
-                if row["kind"] == "train":
-                    keys = ROW_METRICS
-                elif row["kind"] == "eval" and row["step"] not in live:
-                    keys = [k for k in row if k.startswith("val_")]
-                else:
-                    continue
-                metrics += [Metric(k, float(row[k]), int(row["time"] * 1000), row["step"])
-                            for k in keys if isinstance(row.get(k), int | float)]  # fmt: skip
-            for i in range(0, len(metrics), 1000):  # at most 1000 metrics a request
-                self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
-            self.client.log_text(run_id, text, "metrics.jsonl")
-
-    def _register(self, winner: dict, run_id: str) -> None:
+    def _register(self, winner: Winner, run_id: str) -> None:
         """The winner's export, as a new version of the registered model, tagged with lineage,
         from the winner's trial run `run_id`."""
         from mlflow.exceptions import MlflowException
 
-        from llm_dist.manifest import local_folder
+        from llm_dist.storage import local_folder
 
         name = self.spec.tracking.registered_model_name or self.spec.name
-        if self.client.search_model_versions(f"name = {_q(name)} and run_id = {_q(run_id)}"):
+        if self.client.search_model_versions(
+            f"name = {quoted(name)} and run_id = {quoted(run_id)}"
+        ):
             return  # a rerun of a finished sweep does not register its winner again
-        self.client.log_artifacts(run_id, local_folder(winner["export"]), "model")
+        self.client.log_artifacts(run_id, local_folder(winner.export), "model")
         try:
             self.client.create_registered_model(name)
         except MlflowException as e:
@@ -242,13 +211,18 @@ class Tracker:
         console.print(f"tracking: the winner is version {version.version} of the registered "
                       f"model {name!r} at {self.uri}")  # fmt: skip
 
-    def _copy(self, run_id: str, folder: str, names: list[str]) -> None:
-        from llm_dist.manifest import filesystem
+    def _copy(self, run_id: str, files: list[str]) -> None:
+        """The run folder's `files` as text artifacts under their own names (missing ones: none)."""
+        from llm_dist.storage import read_bytes
 
-        for name in names:
-            filesys, path = filesystem(f"{folder}/{name}")
-            with contextlib.suppress(FileNotFoundError), filesys.open_input_stream(path) as f:
-                self.client.log_text(run_id, f.read().decode(), name)
+        for uri in files:
+            data = read_bytes(uri)
+            if data is not None:
+                self.client.log_text(run_id, data.decode(errors="replace"), uri.rsplit("/", 1)[1])
+
+    def _batch(self, run_id: str, metrics: list) -> None:
+        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a request
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
 
     def _find(self, where: str) -> str | None:
         runs = self.client.search_runs([self.experiment_id], where, max_results=1,
@@ -278,14 +252,14 @@ def start(spec, run: str) -> Tracker | None:
         client, name = tracker.client, spec.tracking.experiment_name
         experiment = client.get_experiment_by_name(name)
         tracker.experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)  # fmt: skip
-        tracker.parent = tracker._find(f"tags.`{RUN}` = {_q(run)} and tags.`{STAGE}` = 'run'")
+        tracker.parent = tracker._find(f"tags.`{RUN}` = {quoted(run)} and tags.`{STAGE}` = 'run'")
         if tracker.parent:  # a rerun of the run folder
             client.update_run(tracker.parent, "RUNNING")
         else:
             tracker.parent = client.create_run(tracker.experiment_id, run_name=spec.name,
                                                tags={RUN: run, STAGE: "run"}).info.run_id  # fmt: skip
         effective = spec.model_dump(mode="json")
-        tracker._params(tracker.parent, _flat(effective))
+        tracker._params(tracker.parent, flat(effective))
         import yaml
 
         client.log_text(tracker.parent, yaml.safe_dump(effective, sort_keys=False), "spec.yaml")
@@ -293,25 +267,30 @@ def start(spec, run: str) -> Tracker | None:
     return tracker if tracker.on else None
 
 
-def lineage(winner: dict) -> dict[str, str]:
+def lineage(winner: Winner) -> dict[str, str]:
     """The registered version's tags: where the winner came from and what it scored."""
-    from pathlib import PurePosixPath
-
-    found = winner.get("lineage", {})
-    tags = {"trial_id": winner["trial_id"], "base_model": found.get("base_model", ""),
-            "task_prepared": found.get("task_prepared", ""),
-            "tokenizer": f"{found.get('task_prepared', '')}/tokenizer",
-            "config": json.dumps(winner.get("config", {}), sort_keys=True),
-            f"val.{winner['metric']}": f"{winner['value']:.6g}"}  # fmt: skip
-    if found.get("data_prepared"):  # the prepared folder's name is the data fingerprint
-        tags["data_fingerprint"] = PurePosixPath(found["data_prepared"]).name
-    if found.get("pretrain"):
-        tags["pretrain"] = json.dumps(found["pretrain"], sort_keys=True)
-    for metric, f in winner.get("test", {}).items():  # no interval from a single test record
-        interval = "n/a" if f["low"] is None else f"[{f['low']:+.6g}, {f['high']:+.6g}]"
-        tags[f"test.{metric}"] = (f"{f['winner']:.6g} (base {f['base']:.6g}, lift "
-                                  f"{f['lift']:+.6g} {interval})")  # fmt: skip
+    found = winner.lineage
+    tags = {"trial_id": winner.trial_id, "base_model": found.base_model,
+            "task_prepared": found.task_prepared, "tokenizer": found.tokenizer,
+            "config": json.dumps(winner.config, sort_keys=True),
+            f"val.{winner.metric}": f"{winner.value:.6g}"}  # fmt: skip
+    if found.pretrain is not None:
+        if found.pretrain.data_fingerprint:
+            tags["data_fingerprint"] = found.pretrain.data_fingerprint
+        tags["pretrain"] = found.pretrain.model_dump_json()
+    for metric, f in winner.test.items():  # no interval from a single test record
+        interval = "n/a" if f.low is None else f"[{f.low:+.6g}, {f.high:+.6g}]"
+        tags[f"test.{metric}"] = (f"{f.winner:.6g} (base {f.base:.6g}, lift "
+                                  f"{f.lift:+.6g} {interval})")  # fmt: skip
     return tags
+
+
+def _metrics(row: MetricsRow, keys) -> list:
+    """MLflow metrics of the row's `keys` that it carries, at its step and time."""
+    from mlflow.entities import Metric
+
+    figures = row.figures()
+    return [Metric(k, figures[k], int(row.time * 1000), row.step) for k in keys if k in figures]
 
 
 @contextlib.contextmanager
@@ -326,22 +305,3 @@ def _no_retries():
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _q(value: str) -> str:
-    """A value quoted for an MLflow search filter (a path may hold a single quote)."""
-    return f'"{value}"' if "'" in value else f"'{value}'"
-
-
-def _short(e: Exception) -> str:
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__

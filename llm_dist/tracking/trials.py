@@ -1,15 +1,18 @@
 """Ray Tune's MLflow logger for the sweep's trials, each a run nested under the tune stage's run.
 
-Kept apart from `llm_dist.tracking` because it subclasses a Ray class (a heavy import), and Tune
-pickles it with the sweep's state, so it must live at a module's top level.
+The tracker hands it to the tune stage (`Tracker.trial_callback`). A module of its own: it
+subclasses a Ray class (a heavy import), and Tune pickles it with the sweep's state, so it must
+live at a module's top level.
 """
 
 import contextlib
+import time
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+from llm_dist.compat import tune_mlflow
 from llm_dist.console import console
-from llm_dist.tracking import PARENT, TRIAL, _q, _short
+from llm_dist.tracking.config import PARENT, TRIAL, quoted, short
 
 
 class TrialRuns(MLflowLoggerCallback):
@@ -29,32 +32,35 @@ class TrialRuns(MLflowLoggerCallback):
         try:
             yield
         except Exception as e:
-            console.print(f"[yellow]tracking: MLflow at {self.tracking_uri} failed ({_short(e)}); the "
+            console.print(f"[yellow]tracking: MLflow at {self.tracking_uri} failed ({short(e)}); the "
                           "sweep goes on and its trials are no longer tracked[/]")  # fmt: skip
             self.on = False
 
     def log_trial_start(self, trial) -> None:
         if self.on:
             with self._guard():
-                if trial not in self._trial_runs:  # a resumed sweep: the trial's own run again
-                    found = self.mlflow_util._get_client().search_runs(
-                        [self.mlflow_util.experiment_id],
-                        f"tags.`{PARENT}` = {_q(self.tags[PARENT])} and "
-                        f"tags.`{TRIAL}` = {_q(trial.trial_id)}", max_results=1)  # fmt: skip
+                client, experiment, runs = tune_mlflow(self)
+                if trial not in runs:  # a resumed sweep: the trial's own run again
+                    found = client.search_runs(
+                        [experiment], f"tags.`{PARENT}` = {quoted(self.tags[PARENT])} and "
+                        f"tags.`{TRIAL}` = {quoted(trial.trial_id)}", max_results=1)  # fmt: skip
                     if found:
-                        self._trial_runs[trial] = found[0].info.run_id
-                        self.mlflow_util._get_client().update_run(found[0].info.run_id, "RUNNING")
+                        runs[trial] = found[0].info.run_id
+                        client.update_run(found[0].info.run_id, "RUNNING")
                 super().log_trial_start(trial)
-                self.mlflow_util._get_client().set_tag(
-                    self._trial_runs[trial], TRIAL, trial.trial_id
-                )
+                client.set_tag(runs[trial], TRIAL, trial.trial_id)
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
-        figures = {k: v for k, v in result.items() if k.startswith(("val_", "test_"))}
+        from mlflow.entities import Metric
+
         if self.on:
             with self._guard():
-                self.mlflow_util.log_metrics(run_id=self._trial_runs[trial],
-                                             metrics_to_log=figures, step=result["step"])  # fmt: skip
+                client, _, runs = tune_mlflow(self)
+                ms = int(time.time() * 1000)
+                figures = [Metric(k, float(v), ms, result["step"]) for k, v in result.items()
+                           if k.startswith(("val_", "test_")) and isinstance(v, int | float)
+                           and not isinstance(v, bool)]  # fmt: skip
+                client.log_batch(runs[trial], metrics=figures)
 
     def log_trial_end(self, trial, failed: bool = False) -> None:
         if self.on:

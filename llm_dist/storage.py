@@ -1,0 +1,154 @@
+"""Files on a local disk or object storage (s3://, gs://) through pyarrow: atomic JSON, tolerant
+JSONL, CSV tables, folders copied in and out. It knows no file names: `run_folder` does."""
+
+import io
+import json
+import logging
+import os
+import uuid
+from typing import Any
+
+log = logging.getLogger("llm_dist.storage")
+
+
+def filesystem(uri: str):
+    """A pyarrow filesystem and the path inside it, for a local path or an object-store URI."""
+    from pyarrow import fs
+
+    if "://" not in uri:
+        return fs.LocalFileSystem(), uri
+    return fs.FileSystem.from_uri(uri)
+
+
+def exists(uri: str) -> bool:
+    from pyarrow import fs
+
+    filesys, path = filesystem(uri)
+    return filesys.get_file_info(path).type != fs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """A file's bytes, or None when it does not exist."""
+    if not exists(uri):
+        return None
+    filesys, path = filesystem(uri)
+    with filesys.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write to a temporary name beside `uri`, then rename: readers never see half a file."""
+    filesys, path = filesystem(uri)
+    parent, name = path.rsplit("/", 1)
+    filesys.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+    with filesys.open_output_stream(tmp) as f:
+        f.write(data)
+    filesys.move(tmp, path)
+
+
+def read_json(uri: str) -> Any:
+    """A JSON file's content, or None when it does not exist."""
+    data = read_bytes(uri)
+    return None if data is None else json.loads(data)
+
+
+def write_json(uri: str, data: Any) -> None:
+    write_bytes(uri, json.dumps(data, indent=2, default=str).encode())
+
+
+def read_jsonl(uri: str) -> list[dict]:
+    """The JSON rows of a JSONL file ([] when it does not exist). A line that does not parse (a
+    process killed mid-write leaves a torn last line) costs that line only, with a log line."""
+    rows = []
+    for number, line in enumerate((read_bytes(uri) or b"").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: line %d is not JSON (torn by a kill?); skipped", uri, number)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def write_csv(uri: str, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    buffer = io.BytesIO()
+    pcsv.write_csv(pa.Table.from_pylist(rows), buffer)
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_csv(uri: str, text_columns: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of a CSV file ([] when it does not exist); `text_columns` stay strings."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    data = read_bytes(uri)
+    if data is None:
+        return []
+    options = pcsv.ConvertOptions(column_types=dict.fromkeys(text_columns, pa.string()))
+    return pcsv.read_csv(io.BytesIO(data), convert_options=options).to_pylist()
+
+
+def save_into(save, uri: str) -> None:
+    """Run `save(folder)` straight into a local `uri`, or via a temporary folder to object storage."""
+    if "://" not in uri:
+        save(uri)
+        return
+    import tempfile
+
+    from pyarrow import fs
+
+    filesys, path = filesystem(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        save(tmp)
+        fs.copy_files(tmp, path, destination_filesystem=filesys)
+
+
+def copy(source: str, target: str) -> None:
+    """Copy a file or folder between any two places (local or object storage)."""
+    from pyarrow import fs
+
+    src_fs, src = filesystem(source)
+    dst_fs, dst = filesystem(target)
+    folder = src_fs.get_file_info(src).type == fs.FileType.Directory
+    dst_fs.create_dir(dst if folder else dst.rsplit("/", 1)[0], recursive=True)
+    fs.copy_files(src, dst, src_fs, dst_fs)
+
+
+def local_folder(uri: str) -> str:
+    """A local folder with the contents of `uri`: itself, or a cached copy of an object-store folder.
+
+    For what only reads local files (transformers' `from_pretrained`); the copy is kept under
+    the temp folder by a hash of the URI, so each node downloads a model once.
+    """
+    if "://" not in uri:
+        return uri
+    import hashlib
+    import tempfile
+
+    from pyarrow import fs
+
+    local = os.path.join(
+        tempfile.gettempdir(), "llm-dist", hashlib.sha256(uri.encode()).hexdigest()[:16]
+    )
+    if not os.path.exists(f"{local}/.complete"):
+        filesys, path = filesystem(uri)
+        os.makedirs(local, exist_ok=True)
+        fs.copy_files(path, local, source_filesystem=filesys)
+        open(f"{local}/.complete", "w").close()
+    return local
+
+
+def subfolders(uri: str) -> list[str]:
+    """The names of the folders directly inside `uri`, sorted ([] when it does not exist)."""
+    from pyarrow import fs
+
+    filesys, path = filesystem(uri)
+    found = filesys.get_file_info(fs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in found if i.type == fs.FileType.Directory)
