@@ -83,28 +83,28 @@ def main() -> None:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    given = {**data, "tokenizer": {"path": trained["tokenizer"]}}
+    given = {**data, "tokenizer": {"path": trained.tokenizer}}
     ray_run = prepare(JobSpec(name="b", storage_path=str(tmp / "b"), stages=["data"], data=given))
     stop.set()
     sampler.join()
 
     plain = subprocess.run(
-        [sys.executable, "-c", PLAIN, str(corpus), f"{trained['tokenizer']}/tokenizer.json", "128", str(tmp / "plain.parquet")],
+        [sys.executable, "-c", PLAIN, str(corpus), f"{trained.tokenizer}/tokenizer.json", "128", str(tmp / "plain.parquet")],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     plain_stats = json.loads(plain.stdout)
     plain_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    ray_tps = sum(ray_run["tokens"].values()) / ray_run["seconds"]
+    ray_tps = sum(ray_run.tokens.values()) / ray_run.seconds
     plain_tps = plain_stats["tokens"] / plain_stats["seconds"]
     print(
-        f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB, {ray_run['documents']:,} documents, {sum(ray_run['tokens'].values()):,} tokens)"
+        f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB, {ray_run.documents:,} documents, {sum(ray_run.tokens.values()):,} tokens)"
     )
     print(f"ray start (not timed below):         {ray_start:6.1f} s")
     print(
-        f"ray data stage, BPE trained:         {trained['seconds']:6.1f} s  {trained['tokens_per_s']:>10,} tok/s"
+        f"ray data stage, BPE trained:         {trained.seconds:6.1f} s  {trained.tokens_per_s:>10,} tok/s"
     )
     print(
-        f"ray data stage, tokenizer given:     {ray_run['seconds']:6.1f} s  {ray_tps:>10,.0f} tok/s  peak RSS {peak[0] / 2**20:,.0f} MiB (driver + Ray)"
+        f"ray data stage, tokenizer given:     {ray_run.seconds:6.1f} s  {ray_tps:>10,.0f} tok/s  peak RSS {peak[0] / 2**20:,.0f} MiB (driver + Ray)"
     )
     print(
         f"plain process, same tokenizer:       {plain_stats['seconds']:6.1f} s  {plain_tps:>10,.0f} tok/s  peak RSS {plain_peak / 2**20:,.0f} MiB"

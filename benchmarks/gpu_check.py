@@ -52,9 +52,11 @@ def specs(root: Path, gpus: int) -> dict[str, dict]:
 
 def pretrained(root: Path, name: str) -> dict:
     """tokens/s and MFU, the mean of the logged rows after the first (warm-up, JIT builds)."""
-    rows = [json.loads(x) for x in (root / "runs" / name / "pretrain" / "metrics.jsonl").open()]
-    rows = [r for r in rows if "tokens_per_s" in r][1:] or rows[-1:]
-    return {k: sum(r[k] for r in rows) / len(rows) for k in ("tokens_per_s", "mfu")}
+    from llm_dist.run_folder import RunFolder
+
+    rows = RunFolder(str(root / "runs" / name)).pretrain.read_metrics()
+    rows = [r for r in rows if r.tokens_per_s is not None][1:] or rows[-1:]
+    return {k: sum(getattr(r, k) for r in rows) / len(rows) for k in ("tokens_per_s", "mfu")}
 
 
 def served(root: Path, spec: Path, prompts: list[str]) -> dict:

@@ -10,7 +10,6 @@ command to the first step, the data-wait fraction and MFU as the run logged them
     python benchmarks/pretrain_step.py [STEPS]   (default 60; needs data/stdlib.jsonl, made if missing)
 """
 
-import json
 import os
 import statistics
 import subprocess
@@ -35,14 +34,16 @@ def plain_torch(spec, prepared: str, steps: int) -> list[float]:
 
     from llm_dist.data.tokenizer import load
     from llm_dist.model import build
+    from llm_dist.run_folder import PreparedFolder
     from llm_dist.train.deepspeed_config import lr_lambda, param_groups
 
     torch.set_num_threads(THREADS)
     p = spec.pretrain
-    tokens = pq.read_table(f"{prepared}/train")["tokens"].combine_chunks()
+    folder = PreparedFolder(prepared)
+    tokens = pq.read_table(folder.split("train"))["tokens"].combine_chunks()
     tokens = torch.from_numpy(tokens.flatten().to_numpy().reshape(len(tokens), -1).astype("int64"))
     torch.manual_seed(p.seed)
-    model = build(spec.model, load(f"{prepared}/tokenizer"))
+    model = build(spec.model, load(folder.tokenizer))
     opt = torch.optim.AdamW(param_groups(model, p.weight_decay), lr=p.lr, betas=p.betas, eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p))
     times = []
@@ -58,28 +59,29 @@ def plain_torch(spec, prepared: str, steps: int) -> list[float]:
     return times
 
 
-def llm_dist(storage: str, workers: int, zero: int) -> dict:
-    """Run `llm-dist pretrain` and read its metrics: step time, start-up, data wait, MFU."""
+def llm_dist(storage: str, workers: int, zero: int, *extra: str) -> dict:
+    """Run `llm-dist pretrain` and read its metrics: step time, start-up, data wait, MFU, and
+    the rows of train metrics as they were logged."""
+    from llm_dist.run_folder import RunFolder
+
     sets = [s.format(steps=STEPS, cpus=THREADS // workers, workers=workers, zero=zero,
                      storage=storage) for s in SETTINGS]  # fmt: skip
     command = ["llm-dist", "pretrain", "jobs/quickstart.yaml"] + [
-        a for s in sets for a in ("--set", s)
+        a for s in [*sets, *extra] for a in ("--set", s)
     ]
     start = time.time()
     subprocess.run(
         command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    rows = [
-        json.loads(x)
-        for x in Path(storage, "quickstart/pretrain/metrics.jsonl").read_text().splitlines()
-    ]
-    train = [r for r in rows if r["kind"] == "train"][1:]  # the first window holds the warm-up
+    rows = RunFolder(f"{storage}/quickstart").pretrain.read_metrics()
+    train = [r for r in rows if r.kind == "train"][1:]  # the first window holds the warm-up
     tokens_per_step = 8 * workers * 128
     return {
-        "step_s": statistics.median(tokens_per_step / r["tokens_per_s"] for r in train),
-        "to_first_step_s": next(r["time"] for r in rows if r["kind"] == "eval") - start,
-        "data_wait": statistics.mean(r["data_wait"] for r in train),
-        "mfu": statistics.mean(r["mfu"] for r in train),
+        "step_s": statistics.median(tokens_per_step / r.tokens_per_s for r in train),
+        "to_first_step_s": next(r.time for r in rows if r.kind == "eval") - start,
+        "data_wait": statistics.mean(r.data_wait for r in train),
+        "mfu": statistics.mean(r.mfu for r in train),
+        "train": train,
     }
 
 
@@ -95,7 +97,7 @@ def main() -> None:
         spec = load_spec("jobs/quickstart.yaml", [f"storage_path={storage}"])
         subprocess.run(["llm-dist", "run", "jobs/quickstart.yaml", "--set", f"storage_path={storage}",
                         "--set", "stages=[data]"], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-        prepared = prepare(spec)["prepared"]
+        prepared = prepare(spec).prepared
         import ray
 
         ray.shutdown()  # prepare() may have started Ray; the plain loop runs without it
@@ -115,6 +117,16 @@ def main() -> None:
                   f"MFU {ours['mfu']:.1%}")  # fmt: skip
             print(f"plain torch: {after * 1000:.1f} ms/step")
             before = after
+        # Evaluating and checkpointing are not training speed: with both every 10 steps and a
+        # row every 5, the rows just after one (steps 15, 25, ...) match the others (10, 20, ...)
+        subprocess.run(["rm", "-rf", f"{storage}/quickstart/pretrain"], check=True)
+        train = llm_dist(storage, 2, 2, "pretrain.log_every=5", "pretrain.eval_every=10",
+                         "pretrain.checkpoint_every=10")["train"]  # fmt: skip
+        after = [r.tokens_per_s for r in train if r.step % 10 == 5]
+        plain = [r.tokens_per_s for r in train if r.step % 10 == 0]
+        print(f"tokens/s of the rows after an evaluation and checkpoint / the rows before one: "
+              f"{statistics.median(after) / statistics.median(plain):.3f} ({len(after)} and "
+              f"{len(plain)} rows, 2 workers ZeRO-2)")  # fmt: skip
 
 
 if __name__ == "__main__":

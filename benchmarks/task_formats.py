@@ -51,8 +51,8 @@ def main() -> None:
             start = time.perf_counter()
             task = prepare_task(spec, base)
             best = min(best, time.perf_counter() - start)
-        tokens = _tokens(task["prepared"])
-        rows[fmt] = {"records": task["records"], "tokens": tokens, "ray_tok_s": tokens / best}
+        tokens = _tokens(task.prepared)
+        rows[fmt] = {"records": task.records, "tokens": tokens, "ray_tok_s": tokens / best}
     ray.shutdown()
 
     from llm_dist.data.tokenizer import load

@@ -11,26 +11,24 @@ most 20%.
     python benchmarks/task_metrics.py [RUN_FOLDER]   (default runs/quickstart)
 """
 
-import csv
-import json
 import sys
-from pathlib import Path
+
+from llm_dist.run_folder import RunFolder
 
 
 def main() -> None:
-    run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart")
-    with open(run / "tune" / "results.csv") as f:
-        trials = [r for r in csv.DictReader(f) if r["trial_id"] != "base" and r["seconds"]]
+    run = RunFolder(sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart")
+    trials = [r for r in run.read_results() if r.trial_id != "base" and r.seconds]
     if not trials:
-        sys.exit(f"{run}: no trials in tune/results.csv; run the job first")
+        sys.exit(f"{run.uri}: no trials in its results table; run the job first")
     total_task = total_trial = 0.0
     print(f"{'trial':<14}{'status':<16}{'evals':>6}{'task s':>9}{'trial s':>9}{'share':>8}")
     for r in trials:
-        rows = (run / "tune" / "trials" / r["trial_id"] / "metrics.jsonl").read_text().splitlines()
-        evals = [e for e in map(json.loads, rows) if e["kind"] == "eval" and "task_seconds" in e]
-        task, trial = sum(e["task_seconds"] for e in evals), float(r["seconds"])
+        rows = run.trial(r.trial_id).read_metrics()
+        evals = [e for e in rows if e.kind == "eval" and e.task_seconds is not None]
+        task, trial = sum(e.task_seconds for e in evals), r.seconds
         total_task, total_trial = total_task + task, total_trial + trial
-        print(f"{r['trial_id']:<14}{r['status']:<16}{len(evals):>6}{task:>9.1f}{trial:>9.1f}"
+        print(f"{r.trial_id:<14}{r.status:<16}{len(evals):>6}{task:>9.1f}{trial:>9.1f}"
               f"{task / trial:>8.1%}")  # fmt: skip
     print(f"{'all':<36}{total_task:>9.1f}{total_trial:>9.1f}{total_task / total_trial:>8.1%}")
 

@@ -73,17 +73,15 @@ def sweep(root: Path, base: str, task: str, scheduler: str) -> dict:
               "max_concurrent_trials": 2, "scheduler": scheduler, "reduction_factor": 3,
               "search_space": {"lr": {"grid": [3e-4, 3e-3]}, "method": {"grid": ["full", "lora"]}}},
     )  # fmt: skip
-    winner = run_stage(spec, str(root / scheduler))
-    import csv
+    from llm_dist.run_folder import RunFolder
 
-    with open(root / scheduler / "tune" / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    trial_s = sum(float(r["seconds"]) for r in rows if r["seconds"])
+    winner = run_stage(spec, str(root / scheduler))
+    rows = [r for r in RunFolder(str(root / scheduler)).read_results() if r.trial_id != "base"]
     return {
-        "sweep_s": winner["sweep_seconds"],
-        "scoring_s": winner["scoring_seconds"],
-        "trial_s": trial_s,
-        "winner": winner["value"],
+        "sweep_s": winner.sweep_seconds,
+        "scoring_s": winner.scoring_seconds,
+        "trial_s": sum(r.seconds for r in rows if r.seconds),
+        "winner": winner.value,
         "rows": rows,
     }
 
@@ -111,9 +109,7 @@ def main() -> None:
         f"{len(fifo['rows'])} trials x {STEPS} steps, 2 at a time, on {ray.cluster_resources()['CPU']:.0f} logical CPUs"
     )
     for name, r in (("fifo", fifo), ("asha", asha)):
-        statuses = ", ".join(
-            f"{x['trial_id']} {x['status']} at step {x['step']}" for x in r["rows"]
-        )
+        statuses = ", ".join(f"{x.trial_id} {x.status} at step {x.step}" for x in r["rows"])
         print(
             f"{name}: sweep {r['sweep_s']:.1f} s, trials' own time {r['trial_s']:.1f} s, "
             f"winner val loss {r['winner']:.4f}, scoring {r['scoring_s']:.1f} s ({statuses})"

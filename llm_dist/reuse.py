@@ -73,23 +73,22 @@ def check_winner(spec, winner: Winner, base: str, base_result: TrainResult | Non
 
 def check_run(spec, folder, stages: list[str], resume: bool = False,
               data_fingerprint: str | None = None) -> None:  # fmt: skip
-    """Before a run writes anything: every result that `stages` would reuse in the RunFolder
-    `folder` was made from this spec (and pretraining from the data of `data_fingerprint`, when
-    known), or a UserError saying what differs. The data stage is not checked: prepared data is
-    found by its fingerprint, so other data is simply other data."""
+    """Before a run writes anything (the manifest takes the new spec): every result in the
+    RunFolder `folder` was made from this spec (pretraining from the data of `data_fingerprint`
+    too, when known), else a UserError saying what differs; so the manifest never describes a
+    result it did not produce. A tune winner is also refused when this run trains its base on
+    (`pretrain` in `stages` with a higher max_steps). The data stage is not checked: prepared
+    data is found by its fingerprint, so other data is simply other data."""
     from pathlib import Path
 
     folder.read_manifest()  # a run folder of another records version is refused here
-    served = "serve" in stages and not spec.serve.model
     own_base = not spec.tune.base_model
     pretrained = folder.pretrain.read_result()
-    if pretrained is not None and (
-        "pretrain" in stages or (own_base and "tune" in stages) or served
-    ):
+    if pretrained is not None:
         fingerprint = data_fingerprint if "pretrain" in stages else None
         check_pretrain(spec, pretrained, folder.pretrain.result, fingerprint)
     winner = folder.read_winner()
-    if winner is None or not (("tune" in stages and not resume) or served):
+    if winner is None or ("tune" in stages and resume):  # a resumed sweep makes a new one
         return
     if own_base:
         if pretrained is None:

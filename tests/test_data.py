@@ -151,7 +151,7 @@ def test_splits_are_disjoint_by_document(ray_session, tmp_path):
     src.write_text("".join(json.dumps(d) + "\n" for d in docs))
     spec = spec_for(tmp_path / "runs", [str(src)], val_fraction=0.1, test_fraction=0.1)
     stats = prepare(spec)
-    tok = AutoTokenizer.from_pretrained(f"{stats['prepared']}/tokenizer")
+    tok = AutoTokenizer.from_pretrained(f"{stats.prepared}/tokenizer")
     markers = {}
     for split in SPLITS:
         text = tok.decode(np.concatenate(list(windows(stats.prepared, split).values())))
@@ -216,7 +216,7 @@ def test_worker_shards_disjoint_cover_all_and_skip_consumed(ray_session, nasty_r
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")
-        ids = [int(i) for b in epoch_batches(shard, 1, seed=0, epoch=0) for i in b.id]
+        ids = [int(i) for b in epoch_batches(shard, 1, seed=0, epoch=0) for i in b["id"]]
         rank = ray.train.get_context().get_world_rank()
         Path(config["out"], f"{rank}.json").write_text(json.dumps(ids))
 
@@ -256,8 +256,8 @@ def test_object_storage_sources_and_output(ray_session, s3_server, tmp_path):
     assert prepare(spec).reused  # the fingerprint of s3 objects (size, mtime) holds
     local = prepare(spec_for(tmp_path / "runs", [str(tmp_path / "corpus")]))
     for split in SPLITS:  # the same windows as reading the same files locally
-        remote = pq.read_table(f"{stats['prepared']}/{split}")["tokens"].to_pylist()
-        assert remote == pq.read_table(f"{local['prepared']}/{split}")["tokens"].to_pylist()
+        remote = pq.read_table(f"{stats.prepared}/{split}")["tokens"].to_pylist()
+        assert remote == pq.read_table(f"{local.prepared}/{split}")["tokens"].to_pylist()
 
 
 def test_dedup_keeps_the_first_copy_with_a_given_tokenizer(ray_session, nasty_run, tmp_path):
@@ -274,7 +274,7 @@ def test_dedup_keeps_the_first_copy_with_a_given_tokenizer(ray_session, nasty_ru
     undeduped = prepare(
         spec_for(tmp_path / "runs", [str(src)], tokenizer={"path": first.tokenizer})
     )
-    assert undeduped["documents"] == 36 and "duplicate" not in undeduped["dropped"]
+    assert undeduped.documents == 36 and "duplicate" not in undeduped.dropped
 
 
 def test_a_quoted_special_token_is_text(ray_session, tmp_path):

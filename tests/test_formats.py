@@ -142,3 +142,28 @@ def test_an_unusable_record_names_its_reason(fmt, record, reason, detail):
     with pytest.raises(Unusable) as e:
         conversation(record, TASK.model_copy(update={"format": fmt}))
     assert (e.value.reason, str(e.value)) == (reason, detail)
+
+
+def test_a_template_whose_turns_are_not_prefixes_is_refused_saying_how():
+    """What the quarantine and the error say is where the renderings part, not the code again."""
+    tok = tokenizer(template=(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}Assistant says: {% endif %}"))  # fmt: skip
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    with pytest.raises(Unusable) as e:
+        encode(tok, chat)
+    assert (e.value.reason, str(e.value)) == ("template_mismatch", "assistant turn 1: the chat "
+            "before it with the generation prompt is not where the chat through it begins")  # fmt: skip
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                         "{% if loop.last and m['role'] == 'assistant' %} (the end){% endif %}\n"
+                         "{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
+    with pytest.raises(Unusable) as e:
+        encode(
+            tok,
+            [*chat, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye"}],
+        )
+    assert (
+        str(e.value)
+        == "assistant turn 1: the template renders it differently once later turns follow"
+    )

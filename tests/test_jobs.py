@@ -53,7 +53,7 @@ def test_a_submitted_spec_runs_and_its_logs_show_the_final_loss(head, tmp_path):
     logs = cli("logs", job_id, "--address", head["address"], token=head["token"]).stdout
     assert state == "SUCCEEDED", logs[-3000:]
     result = json.loads((tmp_path / "runs" / "job" / "pretrain" / "result.json").read_text())
-    assert f"val loss {result['val_loss_at_start']:.3f} -> {result['val_loss']:.3f}" in logs
+    assert f"val loss {result['val_loss_at_start']:.3f} -> {result['val']['val_loss']:.3f}" in logs
     assert "step 10/10" in logs
     # the console is llm-dist's own; Ray's, torch's and the workers' output is in the run's log
     full = (tmp_path / "runs" / "job" / "logs" / "llm-dist.log").read_text()

@@ -70,10 +70,18 @@ def test_the_winner_is_not_served_for_other_tune_settings(finished, tmp_path):
 
 def test_a_higher_max_steps_extends_pretraining_and_so_retires_the_winner(finished, tmp_path):
     spec = load_spec(QUICKSTART, [f"storage_path={tmp_path}", "pretrain.max_steps=400"])
-    check_run(spec, finished, ["pretrain"])  # continued from its checkpoint, not a mismatch
     check_run(spec, finished, ["serve"])  # the winner of the base as it is still fits
     with pytest.raises(UserError, match=r"the tune winner in .* \(base_step: 200 -> 400;"):
-        check_run(spec, finished, ["pretrain", "tune"])  # its base would be trained on
+        check_run(spec, finished, ["pretrain"])  # its base would be trained on
+    Path(finished.winner).unlink()
+    check_run(spec, finished, ["pretrain", "tune"])  # continued from its checkpoint: no mismatch
+
+
+def test_every_result_in_the_folder_must_match_whatever_the_stages(finished, tmp_path):
+    """The manifest takes the new spec: no result beside it may be of another one."""
+    other = load_spec(QUICKSTART, [f"storage_path={tmp_path}", "model.preset=125m"])
+    with pytest.raises(UserError, match=r"the pretraining result in .* \(model\.preset: "):
+        check_run(other, finished, ["data"])
 
 
 def test_prepared_data_settings_decide_pretraining_but_the_budget_does_not(finished, tmp_path):

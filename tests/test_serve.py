@@ -56,7 +56,7 @@ def server(ray_session, serve_port, model_folder, tmp_path_factory, monkeypatch_
                "max_prompt_tokens": 40, "cpus_per_replica": 1},
     )  # fmt: skip
     outputs = deploy(spec, f"{spec.storage_path}/served")
-    yield {"url": outputs["url"], "outputs": outputs}
+    yield {"url": outputs.url, "outputs": outputs}
     serve.delete("served")
 
 
@@ -108,8 +108,8 @@ def health(server) -> dict:
 
 def test_deploy_answers_the_test_prompt_and_lists_the_model(server):
     out = server["outputs"]
-    assert out["source"] == "serve.model" and out["usage"]["completion_tokens"] <= 20
-    assert out["usage"]["prompt_tokens"] > 0
+    assert out.source == "serve.model" and out.usage["completion_tokens"] <= 20
+    assert out.usage["prompt_tokens"] > 0
     assert [m.id for m in client(server).models.list()] == ["served"]
     assert health(server)["status"] == "ok"
 

@@ -66,7 +66,7 @@ def test_overload_is_refused_quickly_and_nothing_hangs(
     spec = spec_for(tmp_path, serve_port, model=tiny_base, max_batch_size=1,
                     max_ongoing_requests=1, max_queued_requests=2, overload_status=429,
                     max_tokens=48, max_prompt_tokens=16)  # fmt: skip
-    url = deploy(spec, str(tmp_path / "stage"))["url"]
+    url = deploy(spec, str(tmp_path / "stage")).url
     statuses: list[int] = []
     body = json.dumps({"model": "stage", "prompt": "def f(x):", "max_tokens": 48,
                        "temperature": 0}).encode()  # fmt: skip
@@ -114,7 +114,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(
     spec = spec_for(tmp_path, serve_port, model=tiny_base, max_tokens=48, autoscaling={
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
         "upscale_delay_s": 1, "downscale_delay_s": 2, "look_back_period_s": 2})  # fmt: skip
-    url = deploy(spec, str(tmp_path / "stage"))["url"]
+    url = deploy(spec, str(tmp_path / "stage")).url
 
     def running() -> int:
         states = serve.status().applications["stage"].deployments["llm"].replica_states

@@ -8,6 +8,7 @@ winner in test_tune.py (`tracked_in_mlflow`).
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from run_records import train_result
@@ -86,3 +87,31 @@ def test_submit_passes_on_a_tracking_uri_the_cluster_can_reach_and_never_credent
     with pytest.raises(UserError, match=r"tracking\.tracking_uri: it holds credentials") as e:
         _tracking_uri(spec, "http://head:8265")
     assert "secret" not in str(e.value)
+
+
+def test_a_torn_metrics_line_reaching_tracking_costs_that_line_only(tmp_path, capsys):
+    """A trial killed mid-write leaves a torn last line in its metrics.jsonl: tracking logs
+    the whole rows, stays on, and warns of nothing."""
+    from mlflow import MlflowClient
+
+    from llm_dist.run_folder import RunFolder
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = JobSpec(name="d", storage_path=str(tmp_path), stages=["data"],
+                   data={"sources": ["corpus.jsonl"]})  # fmt: skip
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("torn")
+    trial_run = client.create_run(experiment).info.run_id
+    folder = RunFolder(str(tmp_path / "d"))
+    trial = folder.trial("t_00000")
+    rows = [MetricsRow(step=5, kind="train", time=1.0, loss=2.0, lr=1e-3),
+            MetricsRow(step=5, kind="eval", time=2.0, val_loss=2.5, val_rouge_l=0.25)]  # fmt: skip
+    (tmp_path / "d" / "tune" / "trials" / "t_00000").mkdir(parents=True)
+    Path(trial.metrics).write_text(
+        "".join(r.model_dump_json(exclude_none=True) + "\n" for r in rows) + '{"step": 10, "ki'
+    )
+    tracker = tracking.Tracker(client, uri, spec, folder.uri, experiment, "p")
+    tracker._trial_rows(trial_run, "t_00000", "val_loss")
+    assert tracker.on and warnings(capsys.readouterr().out) == []
+    logged = client.get_run(trial_run).data.metrics
+    assert logged == {"loss": 2.0, "lr": 1e-3, "val_loss": 2.5, "val_rouge_l": 0.25}

@@ -117,6 +117,26 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
     assert run_stage(spec, str(run)).trial_id == winner["trial_id"]
     pipeline.run(spec)
     tracked_in_mlflow(mlflow_server, run, table, winner)
+    reported(run, table, winner)
+
+
+def reported(run: Path, table: list[dict], winner: dict) -> None:
+    """The report of the sweep's real run folder: every trial's curve with its status, the
+    winner, its test figures; only the stages this run did not have are said to be missing."""
+    import re
+
+    from llm_dist.report import write_report
+
+    page = Path(write_report(str(run))).read_text()
+    legend = re.search(r'alt="val_loss by step: ([^"]*)"', page).group(1)
+    for r in table:
+        won = ", winner" if r["trial_id"] == winner["trial_id"] else ""
+        assert f"{r['trial_id']} ({r['status']}{won})" in legend
+    assert f"Winner: trial {winner['trial_id']}." in page
+    assert f"<td>loss</td><td>{winner['test']['loss']['base']:.4g}</td>" in page
+    assert re.findall(r'<p class="missing">([^<]*)</p>', page) == [
+        "the data stage has no outputs", "no metrics rows and no result: not started",
+        "the serve stage has no outputs"]  # fmt: skip
 
 
 def tracked_in_mlflow(uri: str, run: Path, table: list[dict], winner: dict) -> None:
@@ -287,10 +307,14 @@ def test_a_sweep_stopped_by_sigterm_resumes(ray_session, tmp_path, task, base):
     assert "resumed" in events  # the interrupted trial went on from its checkpoint
 
 
+@pytest.mark.parametrize("problem", ["missing base", "other vocabulary"])
+def test_a_bad_base_fails_before_ray_starts(tmp_path, task, base, problem):
+    """Checked on the driver before anything else: no Ray, no task data, no trial."""
+    test_bad_input_fails_before_any_trial(None, tmp_path, task, base, problem)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "problem", ["missing base", "other vocabulary", "no usable records", "too long for the base"]
-)
+@pytest.mark.parametrize("problem", ["no usable records", "too long for the base"])
 def test_bad_input_fails_before_any_trial(ray_session, tmp_path, task, base, problem):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -321,6 +345,10 @@ def test_bad_input_fails_before_any_trial(ray_session, tmp_path, task, base, pro
     with pytest.raises(UserError, match=expected):
         run_stage(spec, str(tmp_path / "t"))
     assert not (tmp_path / "t" / "tune").exists()  # no trial started
+    if ray_session is None:
+        import ray
+
+        assert not ray.is_initialized()
 
 
 def test_masked_loss_counts_only_the_response():
@@ -328,7 +356,7 @@ def test_masked_loss_counts_only_the_response():
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from llm_dist.train.loop import loss_sum_of
+    from llm_dist.train.losses import loss_sum_of
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(
@@ -394,7 +422,7 @@ def test_task_records_are_read_one_by_one_and_quoted_tokens_stay_text(ray_sessio
     records.append({"prompt": "def long(x):", "response": "word " * 200})  # past seq_len 64
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     spec = spec_for(tmp_path, str(path), base, search_space={"lr": {"choice": [1e-3]}})
-    task = prepare_task(spec, base)
+    task = prepare_task(spec, base).model_dump(mode="json")
 
     assert task["records"] == 61 and sum(task["sequences"].values()) == 58
     assert task["unusable"] == {"not_a_string": 1, "missing_field": 1, "too_long": 1}

@@ -101,6 +101,42 @@ def head_batches(prepared: str, split: str, rows: int, batch_size: int, rank: in
     ]  # fmt: skip
 
 
+def synced_batches(batches, T: int, device):
+    """Batches until every rank is out, each a dict: `tokens` (b, T+1), `mask` (b, T+1) or None,
+    `ids` (b,), `targets` (this rank's target tokens), `rows_all` and `targets_all` (across
+    ranks), `wait` (seconds spent waiting for data).
+
+    A rank with no batch left gets one weightless row (no ids) so it still joins the step.
+    """
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    it = iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(it, None)
+        wait = time.perf_counter() - start
+        if batch is None:
+            tokens, mask, ids = torch.zeros(1, T + 1, dtype=torch.long), None, np.zeros(0, np.int64)
+        else:
+            tokens, mask, ids = (
+                batch["tokens"],
+                batch.get("mask"),
+                np.asarray(batch["id"], np.int64),
+            )
+        targets = len(ids) * T if mask is None else int(mask[:, 1:].sum()) * (len(ids) > 0)
+        counts = torch.tensor([len(ids), targets], device=device)
+        dist.all_reduce(counts)
+        if counts[0].item() == 0:
+            return
+        yield {"tokens": tokens.to(device, torch.long),
+               "mask": None if mask is None else mask.to(device), "ids": ids,
+               "targets": targets, "rows_all": int(counts[0]), "targets_all": int(counts[1]),
+               "wait": wait}  # fmt: skip
+
+
 def write_ledger(rows: np.ndarray, folder: str, epoch: int) -> None:
     """Every rank's (step, id) rows of an epoch, gathered into the ledger `folder` by rank 0.
 

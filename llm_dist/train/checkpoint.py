@@ -27,12 +27,12 @@ from llm_dist.storage import filesystem, read_json, write_json
 log = logging.getLogger("llm_dist.checkpoint")
 
 
-def save(engine, state: dict, ledger: np.ndarray, root: str, metrics: dict,
-         origin: dict | None = None, before_report=None) -> str:  # fmt: skip
+def save(engine, state, root: str, metrics: dict, origin: dict | None = None,
+         before_report=None) -> str:  # fmt: skip
     """Every rank: write its shard, report it to Ray Train, then rank 0 commits the manifest.
 
-    `state` is the loop's progress (step, epoch, ...); `ledger` this rank's (step, id) rows
-    of the current epoch; `origin` what the run is made from (`records.Origin` as JSON), which
+    `state` is the loop's `TrainState` (its progress goes into the manifest, its ledger into
+    the rank's file with the RNG states); `origin` what the run is made from (`records.Origin` as JSON), which
     a later run must match to resume from it; `before_report`, called on every rank once its shard is written,
     does the work that must be done before the report (a Tune scheduler may stop the run at
     it). Returns the checkpoint's folder.
@@ -42,11 +42,11 @@ def save(engine, state: dict, ledger: np.ndarray, root: str, metrics: dict,
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    dir_name = [f"step-{state['step']:08d}-{int(time.time())}"]
+    dir_name = [f"step-{state.step:08d}-{int(time.time())}"]
     dist.broadcast_object_list(dir_name, src=0)  # one folder for every rank's files
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag="state")
-        torch.save({"rng": _rng_states(), "ledger": ledger}, f"{tmp}/worker-{rank}.pt")
+        torch.save({"rng": _rng_states(), "ledger": state.rows()}, f"{tmp}/worker-{rank}.pt")
         files = {}
         for parent, _, names in os.walk(tmp):
             for path in (os.path.join(parent, name) for name in names):
@@ -62,7 +62,7 @@ def save(engine, state: dict, ledger: np.ndarray, root: str, metrics: dict,
     if rank == 0:
         merged = {k: v for per_rank in everyone for k, v in per_rank.items()}
         write_json(checkpoint_manifest(folder),
-                   {**state, "world_size": world, "files": merged, "origin": origin})  # fmt: skip
+                   {**state.progress(), "world_size": world, "files": merged, "origin": origin})  # fmt: skip
     dist.barrier()
     return folder
 
@@ -102,15 +102,15 @@ def latest_whole(root: str) -> tuple[tuple[str, dict] | None, list[tuple[str, st
     return None, skipped
 
 
-def load(engine, folder: str) -> tuple[np.ndarray, np.ndarray]:
-    """Restore this rank's engine (model, optimizer, scheduler) and RNG from a whole checkpoint.
-
-    Returns the (step, id) ledger rows of the epoch in progress: this rank's, and every rank's
-    (the sequences already consumed).
-    """
+def load(engine, folder: str, meta: dict):
+    """Restore this rank's engine (model, optimizer, scheduler) and RNG from the whole checkpoint
+    in `folder`, whose manifest is `meta`; returns the loop's `TrainState` as it was saved, with
+    every rank's ledger rows of the epoch in progress as the ids already consumed."""
     import ray.train
     import torch
     import torch.distributed as dist
+
+    from llm_dist.train.state import TrainState
 
     with ray.train.Checkpoint(folder).as_directory() as local:  # downloads from object storage
         engine.load_checkpoint(local, tag="state", load_optimizer_states=True,
@@ -121,9 +121,8 @@ def load(engine, folder: str) -> tuple[np.ndarray, np.ndarray]:
         ]
     mine = workers[dist.get_rank()]
     _set_rng_states(mine["rng"])
-    return mine["ledger"].reshape(-1, 2), np.concatenate([w["ledger"] for w in workers]).reshape(
-        -1, 2
-    )
+    everyone = np.concatenate([w["ledger"] for w in workers]).reshape(-1, 2)
+    return TrainState.resumed(meta, mine["ledger"].reshape(-1, 2), everyone)
 
 
 def _check(filesys, path: str, files: dict) -> str | None:

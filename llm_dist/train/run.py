@@ -4,7 +4,6 @@ What the workers produce lands in `<run>/pretrain/`: checkpoints/, export/, metr
 tensorboard/, ledger/ and result.json (read back here for the manifest).
 """
 
-import os
 import threading
 
 from llm_dist.base import UserError
@@ -101,11 +100,12 @@ def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, cal
 
     from llm_dist.cluster import worker_resources
     from llm_dist.train.config import LoopConfig
+    from llm_dist.train.faults import injected_nans
     from llm_dist.train.loop import train_loop
 
     p, resources = spec.pretrain, worker_resources(spec)
     gpu = "GPU" in resources  # worker_resources asks for GPUs exactly when they are used
-    config = LoopConfig(spec, out, prepared, queue, finetuning, _injected_nans(), origin)
+    config = LoopConfig(spec, out, prepared, queue, finetuning, injected_nans(), origin)
     return TorchTrainer(
         train_loop,
         train_loop_config={"loop": config},  # Ray Train hands the workers a dict
@@ -128,17 +128,6 @@ def _fit(trainer):
         return trainer.fit()
     except BaseException as e:  # handed to the main thread, which raises it
         return e
-
-
-def _injected_nans() -> dict[int, str]:
-    """`LLM_DIST_INJECT_NAN=5,9+`: a NaN loss at step 5 (once) and at every try of step 9.
-
-    For testing how a run survives bad steps; empty in normal use.
-    """
-    nans = {}
-    for item in filter(None, os.environ.get("LLM_DIST_INJECT_NAN", "").split(",")):
-        nans[int(item.rstrip("+"))] = "always" if item.endswith("+") else "once"
-    return nans
 
 
 def _follow(fit: threading.Thread, queue, total: int, tracker) -> None:
