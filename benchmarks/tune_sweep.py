@@ -61,6 +61,19 @@ def setup(root: Path) -> tuple[str, str]:
     return str(root / "base"), str(task)
 
 
+def prepared(root: Path) -> tuple[str, str]:
+    """`setup`, then the task prepared once for that base: every sweep after reuses it."""
+    from llm_dist.spec import JobSpec
+    from llm_dist.tune.task import prepare_task
+
+    base, task = setup(root)
+    spec = JobSpec(name="prep", storage_path=str(root), stages=["tune"], data={"seq_len": 64},
+                   tune={"base_model": base, "search_space": {"lr": {"choice": [1e-3]}},
+                         "task": task_config(task)})  # fmt: skip
+    prepare_task(spec, base)
+    return base, task
+
+
 def sweep(root: Path, base: str, task: str, scheduler: str) -> dict:
     from llm_dist.spec import JobSpec
     from llm_dist.tune.run import run_stage
@@ -94,14 +107,7 @@ def main() -> None:
     )  # with the dashboard: see tests/conftest.py
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, task = setup(root)
-        from llm_dist.spec import JobSpec
-        from llm_dist.tune.task import prepare_task
-
-        spec = JobSpec(name="prep", storage_path=str(root), stages=["tune"], data={"seq_len": 64},
-                       tune={"base_model": base, "search_space": {"lr": {"choice": [1e-3]}},
-                             "task": task_config(task)})  # fmt: skip
-        prepare_task(spec, base)  # both sweeps reuse it
+        base, task = prepared(root)
         fifo = sweep(root, base, task, "fifo")
         asha = sweep(root, base, task, "asha")
     ideal = fifo["trial_s"] / 2

@@ -154,6 +154,7 @@ class MetricsRow(BaseModel):
     checkpoint: str | None = None
     reason: str | None = None
     in_a_row: int | None = None
+    phases: dict[str, float] | None = None  # seconds per phase (events started, finished)
 
     def figures(self) -> dict[str, float]:
         """Every number the row carries (step and time aside): what tracking logs."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from conftest import NASTY_BAD, write_nasty
 
@@ -234,6 +235,43 @@ def test_worker_shards_disjoint_cover_all_and_skip_consumed(ray_session, nasty_r
     union = seen[0] | seen[1]
     assert not union & set(consumed)
     assert union <= left and len(left - union) <= 1  # equal shares may hold back one row
+
+
+def test_in_memory_shares_are_disjoint_seeded_and_skip_consumed(tmp_path):
+    """A trial's task split read whole by each worker (`feed.Windows`): two ranks' shares are
+    disjoint, cover every row not consumed, differ by at most one row, keep each row's mask,
+    and follow the seed (the same order on every call, another order for another seed)."""
+    import pyarrow as pa
+
+    from llm_dist.data.feed import Windows
+
+    n, width = 23, 5
+    tokens = np.arange(n * width).reshape(n, width)
+    (tmp_path / "train").mkdir()
+    for part in (0, 1):  # two files, as a Ray Data write leaves them
+        rows = range(part * 12, min(n, part * 12 + 12))
+        pq.write_table(pa.table({
+            "id": pa.array(list(rows), pa.int64()),
+            "tokens": pa.array([tokens[i].tolist() for i in rows], pa.list_(pa.int32(), width)),
+            "mask": pa.array([[i % 2] * width for i in rows], pa.list_(pa.int8(), width)),
+        }), tmp_path / "train" / f"{part}.parquet")  # fmt: skip
+    consumed = [0, 7, 22]
+
+    def share(rank: int, seed: int = 3) -> list[dict]:
+        return list(Windows.read(str(tmp_path), "train", rank, 2, seed, consumed)
+                    .iter_torch_batches(batch_size=4))  # fmt: skip
+
+    shares = [share(0), share(1)]
+    ids = [[int(i) for b in batches for i in b["id"]] for batches in shares]
+    assert sorted(ids[0] + ids[1]) == sorted(set(range(n)) - set(consumed))
+    assert not set(ids[0]) & set(ids[1]) and abs(len(ids[0]) - len(ids[1])) <= 1
+    assert [len(b["id"]) for b in shares[0]] == [4, 4, 2]  # the tail is kept, not dropped
+    for b in shares[0] + shares[1]:
+        assert b["tokens"].dtype == torch.int64 and b["tokens"].shape[1] == width
+        assert (b["tokens"][:, 0] == b["id"] * width).all()  # each row stays with its id
+        assert (b["mask"][:, 0] == b["id"] % 2).all()
+    assert [int(i) for b in share(0) for i in b["id"]] == ids[0]
+    assert [int(i) for b in share(0, seed=4) for i in b["id"]] != ids[0]
 
 
 def test_object_storage_sources_and_output(ray_session, s3_server, tmp_path):

@@ -450,8 +450,9 @@ def test_task_records_are_read_one_by_one_and_quoted_tokens_stay_text(ray_sessio
 @pytest.mark.slow
 def test_gpt2_chat_data_lora_and_freeze_under_zero3(ray_session, tmp_path):
     """A GPT-2 base (Conv1D layers, `transformer.h` blocks, no pad token), OpenAI messages in
-    Parquet, LoRA on all linear layers and frozen blocks, ZeRO-3: both trials export whole
-    weights, LoRA merged, the frozen part unchanged, and report chrF."""
+    Parquet, LoRA on all linear layers and frozen blocks, ZeRO-3 on 2 workers: both trials
+    sample, export whole weights (LoRA merged, no empty tensor), leave the frozen part
+    unchanged, and report chrF."""
     import ast
 
     import pyarrow as pa
@@ -473,6 +474,7 @@ def test_gpt2_chat_data_lora_and_freeze_under_zero3(ray_session, tmp_path):
                    tmp_path / "chats.parquet")  # fmt: skip
     spec = spec_for(tmp_path, str(tmp_path / "chats.parquet"), base, scheduler="fifo",
                     max_steps=6, eval_every=3, lr=3e-3, freeze_layers=1, max_concurrent_trials=1,
+                    num_workers=2,
                     search_space={"method": {"grid": ["lora", "freeze"]}})  # fmt: skip
     spec.data.seq_len = 128
     spec.pretrain.zero_stage = 3
@@ -484,6 +486,7 @@ def test_gpt2_chat_data_lora_and_freeze_under_zero3(ray_session, tmp_path):
 
     assert winner["trials"] == {"finished": 2, "stopped early": 0, "failed": 0}
     assert 0 <= winner["test"]["chrf"]["winner"] <= 1
+    assert len(winner["samples"]) == 3 and all(s["prompt"] for s in winner["samples"])
     before = load_file(Path(base) / "model.safetensors")
     trials = tmp_path / "t" / "tune" / "trials"
     exports = {r["method"]: trials / r["trial_id"] / "export" for r in results(tmp_path / "t")}
@@ -492,7 +495,7 @@ def test_gpt2_chat_data_lora_and_freeze_under_zero3(ray_session, tmp_path):
         assert {k: v.shape for k, v in after.items() if k in before} == {
             k: v.shape for k, v in before.items()
         }  # whole tensors, not ZeRO-3 shards
-        assert not any("lora" in k for k in after)
+        assert not any("lora" in k for k in after) and all(v.numel() for v in after.values())
         AutoModelForCausalLM.from_pretrained(export, local_files_only=True)
         changed = {k for k in before if not torch.equal(before[k], after[k])}
         if method == "lora":  # merged into every linear layer of the blocks, nothing else

@@ -51,18 +51,25 @@ def epoch_batches(
     )
 
 
-def worker_shard(
-    prepared: str, split: str, rank: int, world: int, seed: int, block_rows: int, exclude_ids=()
-):
+IN_MEMORY_BYTES = 1 << 30  # a split at most this big as int64 tokens is read whole (see below)
+
+
+def worker_shard(prepared: str, split: str, rank: int, world: int, seed: int, block_rows: int,
+                 exclude_ids=(), in_memory: bool = False):  # fmt: skip
     """This Ray Train worker's part of a split, built inside the workers (all of them call it).
 
     Built here rather than passed to the trainer because what is left of an epoch is known only
-    once the workers have loaded a checkpoint. Rank 0 makes the split; the others receive their
-    iterators from it. Unequal shares, so no row is held back to even them out; blocks of
-    `block_rows` keep the shares within a few blocks of each other at an epoch's end.
+    once the workers have loaded a checkpoint. Streamed by Ray Data: rank 0 makes the split, the
+    others receive their iterators from it; unequal shares, so no row is held back to even them
+    out; blocks of `block_rows` keep the shares within a few blocks of each other at an epoch's
+    end. With `in_memory` (a fine-tuning trial's task data) and a split of at most
+    IN_MEMORY_BYTES, each worker reads the split itself (`Windows`): a streaming executor's
+    start costs a trial 10-20 s before its first batch, for data that fits in memory.
     """
     import torch.distributed as dist
 
+    if in_memory and _size(prepared, split) <= IN_MEMORY_BYTES:
+        return Windows.read(prepared, split, rank, world, seed, exclude_ids)
     shards = [None] * world
     if rank == 0:
         ds = split_dataset(prepared, split, exclude_ids, seed)
@@ -72,19 +79,66 @@ def worker_shard(
     return shards[rank]
 
 
+class Windows:
+    """A worker's share of a split held in memory: every worker reads the whole split, leaves
+    out `exclude_ids`, orders it by one permutation drawn from `seed` (the same on every
+    rank) and keeps every `world`-th row from its `rank` on: disjoint shares that cover the
+    split, within one row of each other. Iterated like Ray Data's shard (`iter_torch_batches`)."""
+
+    def __init__(self, columns: dict[str, np.ndarray]):
+        self.columns = columns  # id (n,), tokens (n, T+1), mask (n, T+1) when the split has one
+
+    @classmethod
+    def read(cls, prepared: str, split: str, rank: int, world: int, seed: int, exclude_ids=()):
+        table = _dataset(prepared, split).to_table()
+        ids = table["id"].to_numpy()
+        keep = ~np.isin(ids, np.fromiter(exclude_ids, np.int64))
+        order = np.random.default_rng(seed).permutation(int(keep.sum()))[rank::world]
+        width = table.schema.field("tokens").type.list_size
+        columns = {"id": ids[keep][order]}
+        for name, dtype in (("tokens", np.int64), ("mask", np.int8)):
+            if name in table.column_names:
+                flat = table[name].combine_chunks().flatten().to_numpy()
+                columns[name] = flat.reshape(-1, width)[keep][order].astype(dtype)
+        return cls(columns)
+
+    def iter_torch_batches(
+        self, batch_size: int, drop_last: bool = False, **shuffle
+    ) -> Iterator[dict]:
+        """Batches in order, the last one short; `shuffle` (Ray Data's local-shuffle arguments)
+        is ignored: the rows are already in a seeded random order."""
+        import torch
+
+        n = len(self.columns["id"])
+        for i in range(0, n - batch_size + 1 if drop_last else n, batch_size):
+            yield {k: torch.from_numpy(v[i : i + batch_size]) for k, v in self.columns.items()}
+
+
+def _dataset(prepared: str, split: str):
+    """The split's Parquet files as one pyarrow dataset (local or on object storage)."""
+    import pyarrow.dataset as pds
+
+    from llm_dist.storage import filesystem
+
+    filesys, path = filesystem(PreparedFolder(prepared).split(split))
+    return pds.dataset(path, filesystem=filesys, format="parquet")
+
+
+def _size(prepared: str, split: str) -> int:
+    """The split's tokens as int64, in bytes, from the Parquet metadata alone."""
+    ds = _dataset(prepared, split)
+    return ds.count_rows() * ds.schema.field("tokens").type.list_size * 8
+
+
 def head_batches(prepared: str, split: str, rows: int, batch_size: int, rank: int, world: int):
     """The same first `rows` windows of a split on every run, this rank's share in batches.
 
     Every rank gets as many rows as the others (a fixed evaluation set, read without Ray Data).
     A split with a target `mask` (fine-tuning tasks) keeps it beside the tokens.
     """
-    import pyarrow.dataset as pds
     import torch
 
-    from llm_dist.storage import filesystem
-
-    filesys, path = filesystem(PreparedFolder(prepared).split(split))
-    table = pds.dataset(path, filesystem=filesys, format="parquet").head(rows)
+    table = _dataset(prepared, split).head(rows)
     keep = len(table) // world * world
     ids = table["id"].to_numpy()[:keep][rank::world]
     width = table.schema.field("tokens").type.list_size

@@ -160,3 +160,4 @@ class LoopConfig:
     finetuning: Any = None  # a `llm_dist.finetune.methods.FineTuning`, or None
     nan_at: dict[int, str] = field(default_factory=dict)  # injected NaN losses (tests)
     origin: Any = None  # pretraining's `records.Origin`: into its checkpoints and result
+    launched: float | None = None  # time.time() when the trainer was made: the start's clock

@@ -45,9 +45,11 @@ def validate(engine, tokenizer, val, T: int, device, task, synced: bool) -> dict
     return figures | {"task_seconds": time.perf_counter() - start}
 
 
-def samples(model, tokenizer, val, device, prompts: int = 3, new_tokens: int = 32) -> list[dict]:
+def samples(model, tokenizer, val, device, synced: bool, prompts: int = 3,
+            new_tokens: int = 32) -> list[dict]:  # fmt: skip
     """Greedy continuations of a few validation sequences: of their prompt (the tokens before
-    the masked targets begin) when they have a mask, else of their first 16 tokens."""
+    the masked targets begin) when they have a mask, else of their first 16 tokens. `synced`:
+    every rank calls this and each generation step waits for all of them (ZeRO-3)."""
     import torch
 
     model.eval()
@@ -59,9 +61,8 @@ def samples(model, tokenizer, val, device, prompts: int = 3, new_tokens: int = 3
             cut = int(batch["mask"][i].nonzero()[0])
         prompt = row[:cut].to(device, torch.long)[None]
         with torch.no_grad():
-            # only rank 0 generates: transformers must not wait for the others under ZeRO-3
             ids = model.generate(input_ids=prompt, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=False)  # fmt: skip
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)  # fmt: skip
         out.append({"prompt": tokenizer.decode(prompt[0]),
                     "completion": tokenizer.decode(ids[0, prompt.shape[1]:])})  # fmt: skip
     model.train()

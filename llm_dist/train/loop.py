@@ -53,6 +53,7 @@ class Worker:
     peak: float  # this worker's peak FLOP/s
     peak_source: str
     zero3: Any = None  # transformers' handle on a ZeRO-3 config: kept alive for the run
+    phases: Any = None  # the start's `metrics.Phases`, written at the first optimizer step
     state: TrainState = field(default_factory=TrainState)  # what `resume` found, then progress
 
     @property
@@ -83,15 +84,25 @@ def train_loop(config: dict) -> None:
     w = setup(config["loop"])
     scores = resume(w)
     p, state = w.p, w.state
-    meter = Meter(w)
+    meter, first = Meter(w), state.step + 1
+    w.phases.lap("step0_eval" if scores is not None else "resume")
     while state.step < p.max_steps:
         shard = feed.worker_shard(w.c.prepared, "train", w.rank, w.world, p.seed + state.epoch,
-                                  4 * p.micro_batch_size, exclude_ids=state.consumed[:, 1])  # fmt: skip
+                                  4 * p.micro_batch_size, exclude_ids=state.consumed[:, 1],
+                                  in_memory=w.c.finetuning is not None)  # fmt: skip
         batches = feed.epoch_batches(shard, p.micro_batch_size, p.seed, state.epoch)
+        if state.step < first:
+            w.phases.lap("data_split")
         for b in feed.synced_batches(batches, w.c.spec.data.seq_len, w.device):
             if not train_step(w, b, meter):
                 continue  # within an accumulation, or a bad step skipped
             step = state.step
+            if step == first:  # the start is over: where its time went
+                w.phases.lap("first_step")
+                waited = float(meter.window[3])  # this rank's wait for its first batches
+                w.phases.seconds |= {"first_batch": waited,
+                                     "first_step": w.phases.seconds["first_step"] - waited}  # fmt: skip
+                w.note({"event": "started", "step": step, "phases": w.phases.seconds})
             if step % p.log_every == 0 or step == p.max_steps:
                 meter.row()
             with meter.paused():  # evaluating and checkpointing are not training speed
@@ -116,6 +127,10 @@ def train_loop(config: dict) -> None:
 
 def setup(c) -> Worker:
     """The worker's plain values first, then its model (a trial's method applied) and engine."""
+    from llm_dist.train.metrics import Phases
+
+    phases = Phases(c.launched)
+    phases.lap("worker_group")  # the trainer's placement group, worker actors, process group
     import deepspeed
     import ray.data
     import ray.train
@@ -132,12 +147,14 @@ def setup(c) -> Worker:
     from llm_dist.train.losses import loss_sum_of
     from llm_dist.train.metrics import MetricsLog, peak_flops
 
+    phases.lap("imports")
     spec, p = c.spec, c.spec.pretrain
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows progress
     zero.init_distributed(device)
     ds_config = deepspeed_config(p, use_gpu=device.type == "cuda")
+    phases.lap("distributed")
     with ray.train.Checkpoint(PreparedFolder(c.prepared).tokenizer).as_directory() as folder:
         tokenizer = load_tokenizer(folder)
     torch.manual_seed(p.seed)
@@ -149,10 +166,12 @@ def setup(c) -> Worker:
         model = apply_method(model, c.finetuning)
     if p.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    phases.lap("model")
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, p.weight_decay), config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(p)),
     )  # fmt: skip
+    phases.lap("deepspeed")
     peak, peak_source = peak_flops(device)
     w = Worker(
         c=c, out=TrainFolder(c.out), rank=rank, world=world, device=device, engine=engine, tokenizer=tokenizer,
@@ -162,8 +181,9 @@ def setup(c) -> Worker:
         # a trial's task metrics (tune.task.metrics), from greedy answers or label likelihoods
         task=evaluate.task_of(spec, c.prepared) if c.finetuning is not None else None,
         flops=flops_per_token(model, spec.data.seq_len), peak=peak, peak_source=peak_source,
-        zero3=zero3,
+        zero3=zero3, phases=phases,
     )  # fmt: skip
+    phases.lap("eval_data")
     if c.nan_at:  # a test of bad steps: the loss is NaN where it asks
         w.loss = faults.with_nans(loss_sum_of, c.nan_at, rank, lambda: w.state.step + 1)
     return w
@@ -283,21 +303,25 @@ def finish(w: Worker, scores: dict) -> None:
     from llm_dist.records import Sample, TrainResult
     from llm_dist.storage import save_into
     from llm_dist.train import checkpoint, zero
+    from llm_dist.train.metrics import Phases
 
     p, out, c, state = w.p, w.out, w.c, w.state
 
     def end() -> None:
-        test_loss = None
+        phases, test_loss = Phases(), None
         if c.finetuning is None:  # a trial never sees the test split
             test = feed.worker_shard(c.prepared, "test", w.rank, w.world, p.seed,
                                      4 * p.micro_batch_size)  # fmt: skip
             test_loss = evaluation.mean_loss(w.engine, test.iter_torch_batches(batch_size=p.micro_batch_size), c.spec.data.seq_len, w.device)  # fmt: skip
+            phases.lap("test")
+        # Under ZeRO-3 on several workers every rank takes part in each generation step (its
+        # hooks gather each layer's weights as it runs), and rank 0 keeps its samples: one rank
+        # generating inside gathered weights breaks the hooks' bookkeeping of params in flight.
+        synced = zero.synced_generation(p.zero_stage, w.world)
         samples = []
-        # Generation's own ZeRO-3 hooks hand weights back to their shards, so the export
-        # gathers them afresh.
-        with zero.whole_weights(w.engine) as model:
-            if w.rank == 0:
-                samples = evaluation.samples(model, w.tokenizer, w.val, w.device)
+        if synced or w.rank == 0:
+            samples = evaluation.samples(w.engine.module, w.tokenizer, w.val, w.device, synced)
+        phases.lap("samples")
         with zero.whole_weights(w.engine) as model:
             if w.rank == 0:
                 # LoRA adapters are merged into the base weights: the export is a plain model
@@ -309,6 +333,8 @@ def finish(w: Worker, scores: dict) -> None:
 
                 save_into(save, out.export)
         dist.barrier()
+        phases.lap("export")
+        w.note({"event": "finished", "step": state.step, "phases": phases.seconds})
         if w.rank == 0:
             test_ppl = None if test_loss is None else math.exp(test_loss)
             result = TrainResult(

@@ -44,6 +44,21 @@ def peak_memory(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class Phases:
+    """Seconds spent in each named phase of a worker's start (or end), in order: `lap(name)`
+    closes the phase that ran since the last lap. Rank 0 writes them as a `started` (or
+    `finished`) event, the per-trial start breakdown that `benchmarks/trial_start.py` reads."""
+
+    def __init__(self, since: float | None = None):
+        self.last = time.time() if since is None else since  # wall clock: `since` may come
+        self.seconds: dict[str, float] = {}  # from another process (the trial's launch)
+
+    def lap(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.last
+        self.last = now
+
+
 class MetricsLog:
     """Rank 0's record: `metrics.jsonl` and TensorBoard events of a `TrainFolder` (pretraining's
     or a trial's), and the driver's live display (a Ray queue of `MetricsRow`, when there is

@@ -5,6 +5,7 @@ tensorboard/, ledger/ and result.json (read back here for the manifest).
 """
 
 import threading
+import time
 
 from llm_dist.base import UserError
 from llm_dist.console import VERBOSE, console
@@ -105,7 +106,8 @@ def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, cal
 
     p, resources = spec.pretrain, worker_resources(spec)
     gpu = "GPU" in resources  # worker_resources asks for GPUs exactly when they are used
-    config = LoopConfig(spec, out, prepared, queue, finetuning, injected_nans(), origin)
+    config = LoopConfig(spec, out, prepared, queue, finetuning, injected_nans(), origin,
+                        launched=time.time())  # fmt: skip
     return TorchTrainer(
         train_loop,
         train_loop_config={"loop": config},  # Ray Train hands the workers a dict
@@ -191,6 +193,9 @@ def _line(row: MetricsRow) -> str:
     if row.event == "checkpoint_skipped":
         return (f"pretrain: the checkpoint {row.checkpoint} is not whole ({row.reason}); "
                 "falling back to the one before it")  # fmt: skip
+    if row.phases is not None:  # started, finished: where the time went (under --verbose)
+        spent = ", ".join(f"{k} {v:.1f} s" for k, v in row.phases.items())
+        return f"pretrain: {row.event} at step {step} ({spent})"
     return f"{row.event} at step {step}: {row.checkpoint or ''}"
 
 
