@@ -59,7 +59,6 @@ def sweep(root: Path, base: str, task: str, steps: int) -> dict:
 
 def main() -> None:
     import ray
-
     from deepspeed.comm.torch import build_shm_op
 
     # DeepSpeed JIT-builds a CPU comm op the first time a process group starts on a machine
