@@ -122,6 +122,19 @@ class TrainResult(Record):
     origin: Origin | None = None  # pretraining's; a trial's settings are in the winner
 
 
+class Exploit(Record):
+    """A PBT exploit: `trial_id` went on from `donor`'s checkpoint `source`, at its `step`
+    (copied into the trial's checkpoints as `checkpoint`), with the perturbed searched
+    `settings`."""
+
+    trial_id: str
+    donor: str
+    step: int
+    source: str
+    checkpoint: str
+    settings: dict[str, Any]
+
+
 class MetricsRow(BaseModel):
     """A row of `metrics.jsonl`: a train row, an evaluation (`eval`, `test`) or an `event`.
     Task metrics come as extra `val_<name>` fields."""
@@ -155,6 +168,7 @@ class MetricsRow(BaseModel):
     reason: str | None = None
     in_a_row: int | None = None
     phases: dict[str, float] | None = None  # seconds per phase (events started, finished)
+    exploit: Exploit | None = None  # event exploited: what a PBT trial took, from whom
 
     def figures(self) -> dict[str, float]:
         """Every number the row carries (step and time aside): what tracking logs."""
@@ -214,6 +228,8 @@ class Lineage(Record):
     task_sources: list[str]
     task_prepared: str
     pretrain: PretrainLineage | None = None
+    # under PBT, the exploits the winner's weights came through, earliest first
+    exploits: list[Exploit] = Field(default_factory=list)
 
 
 class Winner(Record):

@@ -81,6 +81,8 @@ def _lineage(winner: Winner | None, data: DataResult | None) -> str:
         found = winner.lineage
         rows += [["base_model", found.base_model], ["tokenizer (the winner's)", found.tokenizer],
                  ["task_sources", found.task_sources], ["task_prepared", found.task_prepared]]  # fmt: skip
+        rows += [[f"PBT exploit {i}", f"trial {e.trial_id} went on from trial {e.donor}'s step "
+                  f"{e.step} with {_fmt(e.settings)}"] for i, e in enumerate(found.exploits, 1)]  # fmt: skip
         if found.pretrain is not None:  # its result file, step, tokens, test loss, data
             rows += [[f"pretrain.{k}", v] for k, v in found.pretrain.model_dump().items()]
     if data is not None:
@@ -182,8 +184,9 @@ def _tune(folder: RunFolder, manifest: Manifest, winner: Winner | None) -> str:
         text += f"<p>{html.escape(line)}</p>"
     fig = _figure(height=4)
     ax = fig.subplots()
+    rows_of = {trial: folder.trial(trial).read_metrics() for trial, _ in ids}
     for trial, status in sorted(ids):
-        points = _by_step(folder.trial(trial).read_metrics(), "eval", metric)
+        points = _by_step(rows_of[trial], "eval", metric)
         if not points:
             continue
         steps, values = list(points), [getattr(r, metric, None) for r in points.values()]
@@ -208,6 +211,12 @@ def _tune(folder: RunFolder, manifest: Manifest, winner: Winner | None) -> str:
                  r.error, *(r.test.get(m) for m in (winner.test if winner else {}))]
                 for r in table]  # fmt: skip
         text += "<h3>Trials</h3>" + _table(rows, header)
+    exploits = sorted(((r.time, r.exploit) for rows in rows_of.values() for r in rows if r.exploit),
+                      key=lambda found: found[0])  # fmt: skip
+    if exploits:  # PBT: which trial went on from which, where, with what
+        text += "<h3>PBT exploits</h3>" + _table(
+            [[e.trial_id, e.donor, e.step, e.settings] for _, e in exploits],
+            ["trial", "went on from trial", "at its step", "with the settings"])  # fmt: skip
     return text
 
 

@@ -46,6 +46,31 @@ def _self_contained(page: str) -> None:
     assert 'src="http' not in page and "<script src" not in page and "<link" not in page
 
 
+def test_the_report_lists_pbt_exploits_and_the_winners_chain(tmp_path):
+    from llm_dist.records import Exploit
+
+    folder = RunFolder(str(tmp_path))
+    _manifest(folder, Stages())
+    folder.write_results(trial_rows())
+    took = Exploit(trial_id="t_00001", donor="t_00000", step=8, source="a/step-00000008-9",
+                   checkpoint="b/step-00000008-10", settings={"lr": 0.0024})  # fmt: skip
+    _rows(folder.trial("t_00000").metrics, [MetricsRow(step=8, kind="eval", time=1, val_loss=6.0)])
+    _rows(folder.trial("t_00001").metrics, [
+        MetricsRow(step=8, kind="eval", time=1, val_loss=6.5),
+        MetricsRow(kind="event", event="exploited", time=2, step=8, exploit=took)])  # fmt: skip
+    won = winner(SPEC, "/runs/demo/tune/trials/t_00001/export", "/base")
+    won.trial_id, won.lineage.exploits = "t_00001", [took]
+    folder.write_winner(won)
+
+    page = Path(write_report(str(tmp_path))).read_text()
+
+    assert ("<h3>PBT exploits</h3><table><tr><th>trial</th><th>went on from trial</th><th>at "
+            "its step</th><th>with the settings</th></tr><tr><td>t_00001</td><td>t_00000</td>"
+            "<td>8</td><td>{&quot;lr&quot;: 0.0024}</td></tr></table>") in page  # fmt: skip
+    assert ("<td>PBT exploit 1</td><td>trial t_00001 went on from trial t_00000&#x27;s step 8 "
+            "with {&quot;lr&quot;: 0.0024}</td>") in page  # fmt: skip
+
+
 def test_report_of_a_full_run(tmp_path):
     folder = RunFolder(str(tmp_path))
     pretrained = train_result(SPEC, "/runs/demo/pretrain/export", step=20)

@@ -83,7 +83,30 @@ def committed(root: str) -> list[tuple[str, dict]]:
                 log.warning("checkpoint %s has no manifest: not whole, passed over", folder)
             else:
                 found.append((folder, meta))
-    return sorted(found, key=lambda f: f[0].rsplit("/", 1)[1], reverse=True)
+    return sorted(found, key=lambda f: written(f[0]), reverse=True)
+
+
+def written(folder: str) -> tuple[int, int]:
+    """(time, step) of a `step-<step>-<time>` folder: newest written first, so a checkpoint a
+    PBT trial took from its donor outranks the trial's own older ones, whatever their steps."""
+    _, step, when = folder.rsplit("/", 1)[-1].split("-")
+    return int(when), int(step)
+
+
+def adopt(source: str, root: str) -> tuple[str, dict]:
+    """Copy the whole checkpoint `source` (another run's: a PBT donor's) into `root` as its
+    newest, (folder, manifest); a UserError when it is not whole."""
+    from llm_dist.base import UserError
+    from llm_dist.storage import copy
+
+    meta = read_json(checkpoint_manifest(source))
+    filesys, path = filesystem(source)
+    problem = "it has no manifest" if meta is None else _check(filesys, path, meta["files"])
+    if problem is not None:
+        raise UserError(f"the checkpoint {source} is not whole ({problem}); it cannot be taken")
+    folder = f"{root}/step-{meta['step']:08d}-{int(time.time())}"
+    copy(source, folder)
+    return folder, meta
 
 
 def latest_whole(root: str) -> tuple[tuple[str, dict] | None, list[tuple[str, str]]]:

@@ -161,3 +161,4 @@ class LoopConfig:
     nan_at: dict[int, str] = field(default_factory=dict)  # injected NaN losses (tests)
     origin: Any = None  # pretraining's `records.Origin`: into its checkpoints and result
     launched: float | None = None  # time.time() when the trainer was made: the start's clock
+    exploit: Any = None  # a PBT trial's `records.Exploit`: the donor checkpoint it starts from

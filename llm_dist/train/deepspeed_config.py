@@ -61,6 +61,19 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def apply_schedule(scheduler, p) -> None:
+    """The run's own lr, schedule and weight decay over a restored optimizer and scheduler (a
+    DeepSpeed checkpoint brings back the lr and weight decay it was saved with): a PBT trial
+    continues from its donor's position with its perturbed settings, and any other resume,
+    whose settings are its checkpoint's, is unchanged. `scheduler` is the run's LambdaLR, its
+    lambdas this run's `lr_lambda(p)`; the groups are `param_groups`' (decayed, not decayed)."""
+    scheduler.base_lrs = [p.lr] * len(scheduler.base_lrs)
+    groups = scheduler.optimizer.param_groups
+    for i, (group, at) in enumerate(zip(groups, scheduler.lr_lambdas, strict=True)):
+        group["initial_lr"], group["lr"] = p.lr, p.lr * at(scheduler.last_epoch)
+        group["weight_decay"] = p.weight_decay if i == 0 else 0.0
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():

@@ -196,6 +196,7 @@ def resume(w: Worker) -> dict | None:
     import torch.distributed as dist
 
     from llm_dist.train import checkpoint
+    from llm_dist.train.deepspeed_config import apply_schedule
 
     found = [checkpoint.latest_whole(w.out.checkpoints) if w.rank == 0 else (None, [])]
     dist.broadcast_object_list(found, src=0)
@@ -205,7 +206,13 @@ def resume(w: Worker) -> dict | None:
     if found is not None:
         folder, meta = found
         w.state = checkpoint.load(w.engine, folder, meta)
-        w.note({"event": "resumed", "step": w.state.step, "checkpoint": folder})
+        apply_schedule(w.engine.lr_scheduler, w.p)  # a PBT trial's perturbed settings
+        exploit = w.c.exploit
+        if exploit is not None and exploit.checkpoint == folder:  # PBT: the donor's state
+            w.note({"event": "exploited", "step": w.state.step, "checkpoint": folder,
+                    "exploit": exploit})  # fmt: skip
+        else:
+            w.note({"event": "resumed", "step": w.state.step, "checkpoint": folder})
         return None
     scores = w.validate()
     w.state.val_loss_at_start = scores["val_loss"]

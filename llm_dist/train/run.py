@@ -88,13 +88,14 @@ def ensure_workers_fit(spec) -> None:
 
 
 def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, callbacks=(),
-                 origin: Origin | None = None):  # fmt: skip
+                 origin: Origin | None = None, exploit=None):  # fmt: skip
     """A TorchTrainer running the worker loop on `spec.pretrain`'s settings, its outputs in the
     TrainFolder `out`; `origin`, what pretraining is made from, goes into its checkpoints and
     result.
 
     The pretrain stage makes one; each fine-tuning trial makes its own, with its `finetuning`
-    (a `FineTuning`: the method and its settings) and `callbacks` that pass its reports to Tune.
+    (a `FineTuning`: the method and its settings), `callbacks` that pass its reports to Tune,
+    and under PBT the `exploit` (`records.Exploit`) whose checkpoint it starts from.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -107,7 +108,7 @@ def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, cal
     p, resources = spec.pretrain, worker_resources(spec)
     gpu = "GPU" in resources  # worker_resources asks for GPUs exactly when they are used
     config = LoopConfig(spec, out, prepared, queue, finetuning, injected_nans(), origin,
-                        launched=time.time())  # fmt: skip
+                        launched=time.time(), exploit=exploit)  # fmt: skip
     return TorchTrainer(
         train_loop,
         train_loop_config={"loop": config},  # Ray Train hands the workers a dict

@@ -12,6 +12,10 @@ TUNABLE = ("lr", "weight_decay", "warmup_steps", "micro_batch_size", "method",
            "lora_r", "lora_alpha", "lora_dropout", "freeze_layers")  # fmt: skip
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 INTEGER = {"warmup_steps": 0, "micro_batch_size": 1, "lora_r": 1, "freeze_layers": 0}  # least
+# What PBT may perturb in a running trial: the optimizer's settings, applied over a restored
+# checkpoint (`deepspeed_config.apply_schedule`). The others shape the weights or the batches a
+# checkpoint holds (method, LoRA's adapters, frozen blocks, the micro batch).
+MUTABLE = ("lr", "weight_decay", "warmup_steps")
 METHODS = {"full", "lora", "freeze"}
 
 
@@ -129,8 +133,10 @@ class TuneConfig(Section):
     """Trial settings to vary: `{lr: {loguniform: [1e-5, 1e-3]}, method: {choice: [full, lora]}}`."""
     search: Literal["random", "optuna"] = "random"
     """random (with grid entries expanded) or optuna (TPE)."""
-    scheduler: Literal["fifo", "asha"] = "asha"
-    """fifo runs every trial to the end; asha stops trials that trail at a rung."""
+    scheduler: Literal["fifo", "asha", "pbt"] = "asha"
+    """fifo runs every trial to the end; asha stops trials that trail at a rung; pbt (Population Based Training) runs every trial to the end, and every `perturbation_interval` steps a trial in the bottom quarter continues from a top trial's checkpoint (weights, optimizer, schedule and data position) with that trial's searched settings perturbed (only lr, weight_decay and warmup_steps may be searched)."""
+    perturbation_interval: int | None = Field(None, ge=1)
+    """Steps between PBT's decisions (scheduler pbt), a multiple of eval_every; empty: eval_every. A trial's final report is not a decision."""
     grace_period: int = Field(1, ge=1)
     """Evaluations a trial gets before ASHA may stop it."""
     reduction_factor: float = Field(3.0, gt=1.0)
@@ -206,6 +212,11 @@ class TuneConfig(Section):
                 problems.append(
                     f"{where}.grid: optuna cannot search a grid; use choice or search: random"
                 )
+        if self.scheduler == "pbt":
+            problems += self._pbt_problems()
+        elif self.perturbation_interval is not None:
+            problems.append(f"tune.perturbation_interval: only scheduler pbt perturbs trials "
+                            f"(scheduler is {self.scheduler}); remove it or set scheduler: pbt")  # fmt: skip
         warmup = self.search_space.get("warmup_steps", {})
         values = (
             [self.warmup_steps, *next(iter(warmup.values()), [])] if warmup else [self.warmup_steps]
@@ -219,3 +230,23 @@ class TuneConfig(Section):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _pbt_problems(self) -> list[str]:
+        problems = [
+            f"tune.search_space.{name}: PBT perturbs every searched setting while trials run, "
+            f"and {name} cannot change in a running trial (its checkpoint is made of it); set "
+            f"tune.{name} instead, or search only {', '.join(MUTABLE)}"
+            for name in self.search_space if name in TUNABLE and name not in MUTABLE
+        ]  # fmt: skip
+        if not self.search_space:
+            problems.append(f"tune.search_space: scheduler pbt perturbs the searched settings "
+                            f"and none is searched; search {', '.join(MUTABLE)}")  # fmt: skip
+        if self.search == "optuna":
+            problems.append("tune.search: optuna's suggestions do not follow PBT's clones; use "
+                            "search: random with scheduler pbt")  # fmt: skip
+        interval = self.perturbation_interval or self.eval_every
+        if interval % self.eval_every:
+            problems.append(f"tune.perturbation_interval: {interval} is not a multiple of "
+                            f"tune.eval_every ({self.eval_every}): PBT decides on evaluations; "
+                            f"use {self.eval_every * max(1, round(interval / self.eval_every))}")  # fmt: skip
+        return problems

@@ -17,7 +17,8 @@ class SweepDisplay(tune.Callback):
 
     def __init__(self, metric: str, mode: str, max_steps: int):
         self.metric, self.mode, self.max_steps = metric, mode, max_steps
-        self.counts = {"running": 0, "finished": 0, "stopped early": 0, "failed": 0}
+        self.counts = {"finished": 0, "stopped early": 0, "failed": 0}
+        self.running: set[str] = set()  # a trial PBT restarts is still the same running trial
         self.best: tuple[str, float] | None = None
         self.show = None
 
@@ -25,8 +26,24 @@ class SweepDisplay(tune.Callback):
         return {**self.__dict__, "show": None}
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.counts["running"] += 1
+        self.running.add(trial.trial_id)
+        self._exploited(trial, {t.trial_id: t for t in trials})
         self._update()
+
+    def _exploited(self, trial, trials: dict) -> None:
+        """A line for a trial PBT restarts from another trial's checkpoint."""
+        from llm_dist.tune.trial import read_pointer
+
+        pointer = read_pointer(trial.checkpoint)
+        if pointer is None or pointer["trial_id"] == trial.trial_id:
+            return
+        donor = trials.get(pointer["trial_id"])
+        changes = ", ".join(
+            f"{k} {_short(donor.config.get(k) if donor else None)} -> {_short(v)}"
+            for k, v in trial.config.items()
+        )  # fmt: skip
+        console.print(f"tune: trial {trial.trial_id} exploits trial {pointer['trial_id']}: goes "
+                      f"on from its checkpoint at step {pointer['step']} with {changes}")  # fmt: skip
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
@@ -53,7 +70,7 @@ class SweepDisplay(tune.Callback):
             console.print(f"  {lines[-1][:300]} (the whole traceback: {path})")
 
     def _end(self, trial, how: str, step: int, result: dict) -> None:
-        self.counts["running"] = max(0, self.counts["running"] - 1)
+        self.running.discard(trial.trial_id)
         self.counts[how] += 1
         value = result.get(self.metric)
         figure = f": {self.metric} {value:.4f}" if isinstance(value, int | float) else ""
@@ -63,10 +80,15 @@ class SweepDisplay(tune.Callback):
         self._update()
 
     def _summary(self) -> str:
-        counts = " · ".join(f"{n} {what}" for what, n in self.counts.items())
+        counts = " · ".join(f"{n} {what}" for what, n in
+                            {"running": len(self.running), **self.counts}.items())  # fmt: skip
         best = f"; best {self.best[0]} {self.metric} {self.best[1]:.4f}" if self.best else ""
         return counts + best
 
     def _update(self) -> None:
         if self.show is not None:
             self.show(f"tune: {self._summary()}")
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

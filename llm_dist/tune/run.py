@@ -1,8 +1,8 @@
 """The tune stage on the driver: a Ray Tune sweep whose trials are Ray Train runs of the worker loop.
 
-Each trial is a function trainable that builds the pretrain stage's TorchTrainer on its own
-settings (`trial_spec`) and passes the workers' reports on to Tune (`TuneReportCallback`), so
-ASHA decides on the validation figures the loop reports at every evaluation. A trial's files
+Each trial is a function trainable (`llm_dist.tune.trial`) that builds the pretrain stage's
+TorchTrainer on its own settings and passes the workers' reports on to Tune, so ASHA and PBT
+decide on the validation figures the loop reports at every evaluation. A trial's files
 live in `<run>/tune/trials/<trial id>/` (checkpoints/, metrics.jsonl, export/, result.json);
 Tune's own state in `<run>/tune/sweep/`, which `llm-dist tune SPEC --resume` restores.
 """
@@ -39,6 +39,7 @@ def run_stage(spec, run: str, resume: bool = False, tracker=None) -> Winner:
     from llm_dist.spec import JobSpec
     from llm_dist.storage import exists
     from llm_dist.tune.task import prepare_task
+    from llm_dist.tune.trial import run_trial, trial_spec
     from llm_dist.tune.winner import pick_winner
 
     t, folder = spec.tune, RunFolder(run)
@@ -78,7 +79,7 @@ def run_stage(spec, run: str, resume: bool = False, tracker=None) -> Winner:
         problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
         raise UserError(f"tune: with the base model {base}: {problems}") from None
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, spec=spec, run=run, base=base, prepared=task.prepared,
+        tune.with_parameters(run_trial, spec=spec, run=run, base=base, prepared=task.prepared,
                              val_rows=task.sequences["val"]),
         {"CPU": TRIAL_CPU},
     )  # fmt: skip
@@ -153,47 +154,6 @@ def search_space(space: dict) -> dict:
     return {name: make[kind](args) for name, dim in space.items() for kind, args in dim.items()}
 
 
-def trial_spec(spec, trial: dict, base: str, val_rows: int):
-    """The job spec one trial trains with: its settings in the `pretrain` section, the base model.
-
-    Evaluation covers the whole validation split and writes a checkpoint each time (what ASHA
-    decides on, and where a resumed sweep picks a trial up).
-    """
-    from llm_dist.model import ModelConfig
-    from llm_dist.train.config import PretrainConfig
-
-    t = spec.tune
-    workers, micro = t.num_workers, trial["micro_batch_size"]
-    pretrain = PretrainConfig.model_validate({
-        **spec.pretrain.model_dump(), "num_workers": workers, "lr": trial["lr"],
-        "min_lr": trial["lr"] / 10, "schedule": "cosine", "warmup_steps": trial["warmup_steps"],
-        "weight_decay": trial["weight_decay"], "micro_batch_size": micro,
-        "global_batch_size": None, "grad_accum_steps": None, "max_steps": t.max_steps,
-        "eval_every": t.eval_every, "checkpoint_every": t.eval_every, "keep_checkpoints": 1,
-        "log_every": min(spec.pretrain.log_every, t.eval_every), "max_failures": t.max_failures,
-        "eval_batches": max(1, math.ceil(val_rows / (micro * workers))),
-    })  # fmt: skip
-    model = ModelConfig(preset=None, path=base)
-    return spec.model_copy(update={"pretrain": pretrain, "model": model})
-
-
-def _trial(settings: dict, spec, run: str, base: str, prepared: str, val_rows: int) -> None:
-    """One trial (runs in a Tune trial actor): the pretrain loop as a fine-tuning run of `base`
-    on the task data in `prepared`, with the typed `spec` of the sweep."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from llm_dist.finetune.methods import FineTuning
-    from llm_dist.train.run import make_trainer
-
-    trial = {**{k: getattr(spec.tune, k) for k in TUNABLE}, **settings}
-    finetuning = FineTuning.model_validate(
-        {k: trial.get(k, getattr(spec.tune, k)) for k in FineTuning.model_fields}
-    )
-    out = RunFolder(run).trial(tune.get_context().get_trial_id()).uri
-    make_trainer(trial_spec(spec, trial, base, val_rows), out, prepared, finetuning=finetuning,
-                 callbacks=[TuneReportCallback()]).fit()  # fmt: skip
-
-
 def _base_model(spec, run: str) -> tuple[str, TrainResult | None]:
     """The model folder trials start from, checked: it loads, has a tokenizer that fits it, and
     every method the sweep can draw fits its architecture; with this run's pretraining result
@@ -238,6 +198,10 @@ def _scheduler(t):
 
     if t.scheduler == "fifo":
         return FIFOScheduler()
+    if t.scheduler == "pbt":
+        from llm_dist.tune.pbt import scheduler
+
+        return scheduler(t)
     # counted in optimizer steps, the `step` every report carries
     return ASHAScheduler(time_attr="step", max_t=t.max_steps,
                          grace_period=t.grace_period * t.eval_every,

@@ -91,7 +91,7 @@ def pick_winner(spec, run: str, results, base: str, base_result: TrainResult | N
         # what the trials trained and were scored on, and what was left out (and why)
         task_data=TaskCounts(records=task.records, sequences=task.sequences, unusable=task.unusable),
         sweep_seconds=round(seconds, 1), scoring_seconds=round(time.perf_counter() - start, 1),
-        lineage=_lineage(spec, folder, base, base_result, task), origin=origin,
+        lineage=_lineage(spec, folder, base, base_result, task, best.trial_id), origin=origin,
     )  # fmt: skip
     folder.write_winner(winner)
     _print(rows, t, winner)
@@ -134,9 +134,9 @@ def outcome_on_test(folder: str, prepared: str, batch_size: int, answers) -> dic
 
 
 def _lineage(spec, folder: RunFolder, base: str, base_result: TrainResult | None,
-             task: TaskData) -> Lineage:  # fmt: skip
-    """Where the winner came from: the base model, the task, and for this run's own export, the
-    pretraining and its data."""
+             task: TaskData, trial_id: str) -> Lineage:  # fmt: skip
+    """Where the winner `trial_id` came from: the base model, the task, for this run's own
+    export the pretraining and its data, and under PBT the exploits its weights came through."""
     pretrain = None
     if base_result is not None:
         fingerprint = (base_result.origin.inputs if base_result.origin else {}).get(
@@ -148,8 +148,13 @@ def _lineage(spec, folder: RunFolder, base: str, base_result: TrainResult | None
             test_loss=base_result.test_loss, data_prepared=data and data.uri,
             data_fingerprint=fingerprint, data_tokenizer=data and data.tokenizer,
         )  # fmt: skip
+    exploits = []
+    if spec.tune.scheduler == "pbt":
+        from llm_dist.tune.pbt import chain
+
+        exploits = chain(folder, trial_id)
     return Lineage(base_model=base, tokenizer=task.tokenizer, task_sources=spec.tune.task.sources,
-                   task_prepared=task.prepared, pretrain=pretrain)  # fmt: skip
+                   task_prepared=task.prepared, pretrain=pretrain, exploits=exploits)  # fmt: skip
 
 
 def _last_line(error) -> str | None:
