@@ -41,9 +41,6 @@ def test_pbt_refuses_what_cannot_change_in_a_running_trial_naming_the_field():
     assert "tune.perturbation_interval: only scheduler pbt perturbs trials (scheduler is asha)" in (
         tune_problem(perturbation_interval=20)
     )
-    assert "tune.search_space: scheduler pbt perturbs the searched settings and none is" in (
-        tune_problem(scheduler="pbt")
-    )
     JobSpec(name="p", stages=["tune"], tune={**TUNE, "scheduler": "pbt", "search_space": {
         "lr": {"loguniform": [1e-5, 1e-3]}, "weight_decay": {"choice": [0.0, 0.1]},
         "warmup_steps": {"randint": [0, 5]}}})  # fmt: skip

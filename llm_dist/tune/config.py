@@ -134,7 +134,7 @@ class TuneConfig(Section):
     search: Literal["random", "optuna"] = "random"
     """random (with grid entries expanded) or optuna (TPE)."""
     scheduler: Literal["fifo", "asha", "pbt"] = "asha"
-    """fifo runs every trial to the end; asha stops trials that trail at a rung; pbt (Population Based Training) runs every trial to the end, and every `perturbation_interval` steps a trial in the bottom quarter continues from a top trial's checkpoint (weights, optimizer, schedule and data position) with that trial's searched settings perturbed (only lr, weight_decay and warmup_steps may be searched)."""
+    """fifo runs every trial to the end; asha stops trials whose best evaluation so far trails at a rung; pbt (Population Based Training) runs every trial to the end, and every `perturbation_interval` steps a trial in the bottom quarter continues from a top trial's checkpoint (weights, optimizer, schedule and data position) with that trial's searched settings perturbed (only lr, weight_decay and warmup_steps may be searched)."""
     perturbation_interval: int | None = Field(None, ge=1)
     """Steps between PBT's decisions (scheduler pbt), a multiple of eval_every; empty: eval_every. A trial's final report is not a decision."""
     grace_period: int = Field(1, ge=1)
@@ -238,9 +238,6 @@ class TuneConfig(Section):
             f"tune.{name} instead, or search only {', '.join(MUTABLE)}"
             for name in self.search_space if name in TUNABLE and name not in MUTABLE
         ]  # fmt: skip
-        if not self.search_space:
-            problems.append(f"tune.search_space: scheduler pbt perturbs the searched settings "
-                            f"and none is searched; search {', '.join(MUTABLE)}")  # fmt: skip
         if self.search == "optuna":
             problems.append("tune.search: optuna's suggestions do not follow PBT's clones; use "
                             "search: random with scheduler pbt")  # fmt: skip

@@ -39,7 +39,8 @@ def scheduler(t) -> PopulationBasedTraining:
         for name, dim in t.search_space.items() for kind, args in dim.items()
     }  # fmt: skip
     return _FinalReportsStay(
-        t.max_steps, time_attr="step", perturbation_interval=t.perturbation_interval or t.eval_every,
+        t.max_steps, time_attr="step", metric=t.metric, mode=t.mode,
+        perturbation_interval=t.perturbation_interval or t.eval_every,
         hyperparam_mutations=mutations, quantile_fraction=0.25, resample_probability=0.25,
         log_config=False,
     )  # fmt: skip

@@ -101,7 +101,8 @@ def run_stage(spec, run: str, resume: bool = False, tracker=None) -> Winner:
             trainable,
             param_space=search_space(t.search_space),
             tune_config=tune.TuneConfig(
-                metric=t.metric, mode=t.mode, search_alg=_searcher(t, concurrency),
+                # each part gets its own metric: ASHA decides on the best evaluation so far
+                search_alg=_searcher(t, concurrency),
                 scheduler=_scheduler(t), num_samples=t.num_samples,
                 # Optuna is wrapped in a ConcurrencyLimiter; random/grid takes it directly
                 max_concurrent_trials=concurrency if t.search == "optuna" else None,
@@ -187,7 +188,7 @@ def _searcher(t, concurrency: int):
     if t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=t.seed)
+        return OptunaSearch(metric=t.metric, mode=t.mode, seed=t.seed)
     from ray.tune.search import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
@@ -202,8 +203,12 @@ def _scheduler(t):
         from llm_dist.tune.pbt import scheduler
 
         return scheduler(t)
-    # counted in optimizer steps, the `step` every report carries
-    return ASHAScheduler(time_attr="step", max_t=t.max_steps,
+    # Counted in optimizer steps, the `step` every report carries. ASHA compares each trial's
+    # best evaluation so far (`trial.BEST`): on a small validation split one evaluation can
+    # collapse and recover, and a trial stopped on it is lost for good.
+    from llm_dist.tune.trial import BEST
+
+    return ASHAScheduler(time_attr="step", metric=BEST + t.metric, mode=t.mode, max_t=t.max_steps,
                          grace_period=t.grace_period * t.eval_every,
                          reduction_factor=t.reduction_factor)  # fmt: skip
 

@@ -22,6 +22,7 @@ from llm_dist.run_folder import RunFolder
 from llm_dist.tune.config import TUNABLE
 
 POINTER = "pointer.json"
+BEST = "best_"  # a report's `best_<tune.metric>`: the trial's best evaluation so far (ASHA's)
 
 
 def trial_spec(spec, trial: dict, base: str, val_rows: int):
@@ -75,14 +76,31 @@ def run_trial(settings: dict, spec, run: str, base: str, prepared: str, val_rows
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(error=_fit(trainer)), daemon=True)
     fit.start()
+    best = BestSoFar(spec.tune.metric, spec.tune.mode)
     while fit.is_alive() or not reports.empty():
         try:
             metrics, checkpoint = reports.get(timeout=0.5)
         except Empty:
             continue
-        _report(trial_id, metrics, checkpoint)
+        _report(trial_id, best.add(metrics), checkpoint)
     if outcome["error"] is not None:
         raise outcome["error"]
+
+
+class BestSoFar:
+    """A trial's best `metric` over its reports so far, added to each as `best_<metric>`."""
+
+    def __init__(self, metric: str, mode: str):
+        self.metric, self.sign, self.best = metric, 1 if mode == "min" else -1, None
+
+    def add(self, metrics: dict) -> dict:
+        value = metrics.get(self.metric)
+        better = self.best is None or (
+            value is not None and self.sign * value < self.sign * self.best
+        )
+        if value is not None and not math.isnan(value) and better:
+            self.best = value
+        return metrics if self.best is None else {**metrics, BEST + self.metric: self.best}
 
 
 class ReportToTune(train.UserCallback):
