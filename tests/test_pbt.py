@@ -174,8 +174,9 @@ def test_pbt_clones_a_top_trial_whole_and_trains_on_with_its_perturbed_settings(
             or lr == pytest.approx(donor_lr * 1.2)
         )
         copied = json.loads(Path(exploit.checkpoint, "checkpoint.json").read_text())
-        source = json.loads(Path(exploit.source, "checkpoint.json").read_text())
-        assert copied["files"] == source["files"] and copied["step"] == exploit.step
+        assert copied["step"] == exploit.step
+        # the copy is whole (the donor keeps two checkpoints, so its own may be gone by now)
+        assert _check(*filesystem(exploit.checkpoint), copied["files"]) is None
     trial, i, exploit = exploits[0]  # the first clone: the learner's loss, not its own
     donor_loss = next(
         r.loss for r in rows[exploit.donor] if r.kind == "train" and r.step == exploit.step
@@ -193,6 +194,18 @@ def test_pbt_clones_a_top_trial_whole_and_trains_on_with_its_perturbed_settings(
         in out
     )
     assert not math.isnan(winner.value)
+
+
+def _check(filesys, path, files):
+    from llm_dist.train.checkpoint import _check
+
+    return _check(filesys, path, files)
+
+
+def filesystem(uri):
+    from llm_dist.storage import filesystem
+
+    return filesystem(uri)
 
 
 def _chain_of(folder, trial_id):
