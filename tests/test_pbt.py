@@ -12,6 +12,8 @@ from test_tune import spec_for
 from llm_dist.records import Exploit, MetricsRow
 from llm_dist.run_folder import RunFolder
 from llm_dist.spec import JobSpec
+from llm_dist.storage import filesystem
+from llm_dist.train.checkpoint import _check
 
 TUNE = {"base_model": "/b", "task": {"sources": ["task.jsonl"]}}
 
@@ -194,18 +196,6 @@ def test_pbt_clones_a_top_trial_whole_and_trains_on_with_its_perturbed_settings(
         in out
     )
     assert not math.isnan(winner.value)
-
-
-def _check(filesys, path, files):
-    from llm_dist.train.checkpoint import _check
-
-    return _check(filesys, path, files)
-
-
-def filesystem(uri):
-    from llm_dist.storage import filesystem
-
-    return filesystem(uri)
 
 
 def _chain_of(folder, trial_id):
