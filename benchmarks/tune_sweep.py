@@ -7,6 +7,9 @@ docstring pairs: first with FIFO (every trial to the end), then with ASHA. Print
 - Tune's overhead: the FIFO sweep's wall time over (sum of the trials' own times / concurrency),
   the wall time a perfect scheduler would need for the same trials. A trial's own time is
   Tune's `time_total_s` (its start to its last report).
+- Training's share: the FIFO sweep's wall time over (sum of the trials' training time /
+  concurrency), a trial's training time being its first optimizer step (the `started` event
+  in its metrics.jsonl) to its last row: what the trials' starts and ends cost on top.
 - Time to best: each sweep's wall time until its winner is known, their ratio, and the
   winners' validation loss (ASHA should end sooner with the same or a near winner).
 
@@ -89,11 +92,18 @@ def sweep(root: Path, base: str, task: str, scheduler: str) -> dict:
     from llm_dist.run_folder import RunFolder
 
     winner = run_stage(spec, str(root / scheduler))
-    rows = [r for r in RunFolder(str(root / scheduler)).read_results() if r.trial_id != "base"]
+    folder = RunFolder(str(root / scheduler))
+    rows = [r for r in folder.read_results() if r.trial_id != "base"]
+    training = 0.0
+    for trial_id in folder.trial_ids():
+        metrics = folder.trial(trial_id).read_metrics()
+        started = next(r for r in metrics if r.event == "started")
+        training += max(r.time for r in metrics if r.kind in ("train", "eval")) - started.time
     return {
         "sweep_s": winner.sweep_seconds,
         "scoring_s": winner.scoring_seconds,
         "trial_s": sum(r.seconds for r in rows if r.seconds),
+        "training_s": training,
         "winner": winner.value,
         "rows": rows,
     }
@@ -121,6 +131,9 @@ def main() -> None:
             f"winner val loss {r['winner']:.4f}, scoring {r['scoring_s']:.1f} s ({statuses})"
         )
     print(f"Tune overhead (fifo sweep / (trial time / 2)): {fifo['sweep_s'] / ideal:.2f}")
+    for name, r in (("fifo", fifo), ("asha", asha)):
+        print(f"{name} sweep / (training time / 2): {r['sweep_s'] / (r['training_s'] / 2):.2f} "
+              f"({r['training_s']:.1f} s of training)")  # fmt: skip
     print(
         f"time to best, asha / fifo: {asha['sweep_s'] / fifo['sweep_s']:.2f}; "
         f"winner val loss asha {asha['winner']:.4f} vs fifo {fifo['winner']:.4f}"
