@@ -1,6 +1,20 @@
 """The base every spec section shares, and the error type for mistakes a user can fix."""
 
-from pydantic import BaseModel, ConfigDict
+import os
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+
+def _home(v: str | None) -> str | None:
+    # a shell expands `~` before a program sees it; a YAML value reaches us as typed, and
+    # os.path treats `~` as a folder name (`storage_path: ~/runs` made a folder named `~`)
+    return os.path.expanduser(v) if isinstance(v, str) and v.startswith("~") else v
+
+
+Place = Annotated[str, AfterValidator(_home)]
+"""A local path or an s3:// gs:// URI; a leading `~` is the user's home (expanded on the node
+that reads the spec: the driver, or a submitted job's entrypoint)."""
 
 
 class UserError(Exception):

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from llm_dist.base import Section
+from llm_dist.base import Place, Section
 
 # Llama-architecture sizes. `tiny` trains on two CPU cores in minutes; the rest are
 # for clusters. Vocabulary size always follows the tokenizer.
@@ -43,7 +43,7 @@ class ModelConfig(Section):
     """A named Llama-architecture size; set it to null when `config` or `path` is used."""
     config: str | None = None
     """A Hugging Face `config.json` to build the model from (random weights)."""
-    path: str | None = None
+    path: Place | None = None
     """A local Hugging Face model folder to start from (its weights are loaded)."""
     overrides: dict[str, Any] = Field(default_factory=dict)
     """Hugging Face config keys to change, e.g. `{num_hidden_layers: 2}`."""

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from llm_dist.base import Section, UserError
+from llm_dist.base import Place, Section, UserError
 from llm_dist.cluster import ClusterConfig
 from llm_dist.data.config import DataConfig
 from llm_dist.model import ModelConfig
@@ -28,7 +28,7 @@ class JobSpec(Section):
 
     name: str | None = None
     """Run name: the run's folder under storage_path (letters, digits, `.`, `_`, `-`); empty: `run-<your user name>`, so that two people who share a storage_path do not share a run by accident."""
-    storage_path: str = "./runs"
+    storage_path: Place = "./runs"
     """Where runs live: a local folder, or s3://bucket/prefix or gs://bucket/prefix."""
     stages: list[Literal["data", "pretrain", "tune", "serve"]] = Field(
         default_factory=lambda: list(STAGES)

@@ -176,3 +176,60 @@ def test_stdlib_corpus(tmp_path):
     assert collect(tmp_path) == counts
     after = [(p.name, p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(tmp_path.iterdir())]
     assert after[:2] == before[:2] and after[2][1] != before[2][1]  # only the stale one made anew
+
+
+def test_a_symlink_loop_is_read_once_and_globs_match_as_pythons_glob(tmp_path):
+    """`sub/loop -> ..` multiplied one file into 81 (the same data 40 levels deep): each real
+    file and folder is read once, by its shallowest path not through a link. `**/` matches no folder too, `*`
+    stays within one name, as `glob.glob(..., recursive=True)`."""
+    import os
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/a.jsonl", "d/sub/b.jsonl", "d/_skip.jsonl"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    os.symlink("..", tmp_path / "d" / "sub" / "loop")
+    os.symlink(tmp_path / "d" / "sub", tmp_path / "d" / "again")  # another path to sub/
+    d = tmp_path / "d"
+    names = lambda sources: [p[len(str(d)) + 1 :] for p, _, _ in corpus.expand_sources(sources)]  # noqa: E731
+    assert names([str(d)]) == ["a.jsonl", "sub/b.jsonl"]
+    assert names([f"{d}/**/*.jsonl"]) == ["a.jsonl", "sub/b.jsonl"]
+    assert names([f"{d}/*.jsonl"]) == ["a.jsonl"]
+    assert names([f"{d}/[ab].jsonl", f"{d}/s?b/*"]) == ["a.jsonl", "sub/b.jsonl"]
+    os.chdir(d)  # a bare relative glob reads the working folder
+    assert [p for p, _, _ in corpus.expand_sources(["*.jsonl"])] == ["a.jsonl"]
+
+
+def test_a_txt_document_over_the_byte_cap_is_quarantined_not_held(tmp_path):
+    """A 30 MB one-line .txt became one 30-million-character document: a .txt document (the
+    file, or a blank-line block) over `max_line_bytes` is quarantined as a JSONL line over it
+    is, and the blocks around it are kept with their line numbers."""
+    text = b"first\nblock\n\n\n" + b"x" * 5000 + b"\n\nlast\r\n"
+    (tmp_path / "t.txt").write_bytes(text)
+    blocks = DataConfig(sources=["x"], txt_split="blank_line", max_line_bytes=1024)
+    got = [(n, t, r, h) for n, t, r, h in records(str(tmp_path / "t.txt"), blocks)]
+    assert got == [(1, "first\nblock", None, None), (5, None, "document_too_long", repr(b"x" * 80)),
+                   (7, "last\r", None, None)]  # fmt: skip
+    whole = DataConfig(sources=["x"], max_line_bytes=1024)
+    assert [r for _, _, r, _ in records(str(tmp_path / "t.txt"), whole)] == ["document_too_long"]
+    (tmp_path / "s.txt").write_bytes(b"small\n")
+    assert records(str(tmp_path / "s.txt"), whole) == [(1, "small\n", None, None)]
+
+
+def test_a_leading_tilde_is_the_home_folder(monkeypatch, tmp_path):
+    """`storage_path: ~/runs` made a folder named `~`: every place a spec names expands it."""
+    from llm_dist.model import ModelConfig
+    from llm_dist.spec import JobSpec
+    from llm_dist.tune.config import TuneConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = JobSpec(
+        name="r",
+        storage_path="~/runs",
+        stages=["data"],
+        data={"sources": ["~/c.jsonl", "s3://b/~x"]},
+    )
+    assert spec.storage_path == f"{tmp_path}/runs"
+    assert spec.data.sources == [f"{tmp_path}/c.jsonl", "s3://b/~x"]
+    tune = TuneConfig(base_model="~/base", task={"sources": ["~/t.jsonl"]})
+    assert (tune.base_model, tune.task.sources) == (f"{tmp_path}/base", [f"{tmp_path}/t.jsonl"])
+    assert ModelConfig(preset=None, path="~/m").path == f"{tmp_path}/m"

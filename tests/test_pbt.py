@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_tune import spec_for
+from tune_specs import spec_for
 
 from llm_dist.records import Exploit, MetricsRow
 from llm_dist.run_folder import RunFolder

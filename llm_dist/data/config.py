@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llm_dist.base import Section
+from llm_dist.base import Place, Section
 
 
 class TokenizerConfig(Section):
@@ -21,7 +21,7 @@ class TokenizerConfig(Section):
 class DataConfig(Section):
     """Corpus sources, cleaning, tokenizer, packing and the held-out splits."""
 
-    sources: list[str] = Field(default_factory=list)
+    sources: list[Place] = Field(default_factory=list)
     """Files, folders or globs of .jsonl, .jsonl.gz, .parquet or .txt, local or s3:// gs://."""
     text_field: str = Field("text", min_length=1)
     """The field (JSONL) or column (Parquet) that holds each document's text."""
@@ -34,7 +34,7 @@ class DataConfig(Section):
     max_chars: int | None = Field(None, ge=1)
     """Documents longer than this are dropped; empty means no limit."""
     max_line_bytes: int = Field(8_000_000, ge=1024)
-    """A JSONL line longer than this is quarantined instead of parsed."""
+    """A JSONL line, or a .txt document (a file or a blank-line block), longer than this is quarantined instead of parsed (line_too_long, document_too_long)."""
     dedup: bool = False
     """Drop exact duplicate documents (by a hash of the cleaned text)."""
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)

@@ -9,7 +9,6 @@ point (a compressed stream that ends early, a Parquet row group that cannot be d
 every record before it, and the rest becomes one `unreadable` row naming the error.
 """
 
-import fnmatch
 import gzip
 import hashlib
 import io
@@ -25,7 +24,7 @@ from llm_dist.base import UserError
 
 FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 BAD = ("invalid_json", "invalid_utf8", "invalid_unicode", "missing_field", "not_a_string",
-       "line_too_long", "unreadable")  # fmt: skip
+       "line_too_long", "document_too_long", "unreadable")  # fmt: skip
 # what reading a damaged stream raises: OSError (pyarrow, gzip.BadGzipFile), EOFError (gzip),
 # zlib.error, ValueError (pyarrow.ArrowInvalid)
 UNREADABLE = (OSError, EOFError, zlib.error, ValueError)
@@ -41,10 +40,13 @@ def format_of(path: str) -> str | None:
 def expand_sources(sources: list[str], field: str = "data.sources") -> list[tuple[str, int, int]]:
     """(path, size, mtime_ns) of every corpus file the sources name, sorted and deduplicated.
 
-    `field` is the spec field the sources came from, named in errors.
+    A source is a file, a folder (every corpus file under it) or a glob: `*` and `?` within one
+    name, `**` across folders, zero or more (`d/**/*.jsonl` matches `d/a.jsonl` too), as in
+    Python's `glob` and Ray Data. Names starting with `.` or `_` below the source are skipped.
+    Local folders are walked following symlinks, each real folder and file once, so a link
+    back up the tree (`sub/loop -> ..`) adds nothing. `field` is the spec field the sources
+    came from, named in errors.
     """
-    from pyarrow import fs
-
     from llm_dist.storage import filesystem
 
     found: dict[str, tuple[str, int, int]] = {}
@@ -52,31 +54,92 @@ def expand_sources(sources: list[str], field: str = "data.sources") -> list[tupl
         filesys, path = filesystem(source)
         scheme = source.split("://", 1)[0] + "://" if "://" in source else ""
         pattern = any(ch in path for ch in "*?[")
-        base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0] if pattern else path
-        info = filesys.get_file_info(base)
-        if info.type == fs.FileType.File:
-            infos = [info]
-        elif info.type == fs.FileType.Directory:
-            infos = filesys.get_file_info(fs.FileSelector(base, recursive=True))
-        else:
-            infos = []
+        base = path
+        if pattern:  # the folder above the first wildcard; `.` for a bare `*.jsonl`
+            prefix = re.split(r"[*?[]", path, maxsplit=1)[0]
+            base = prefix.rsplit("/", 1)[0] if "/" in prefix else "."
+        single, files = _listing(filesys, base, local=not scheme)
+        if base == ".":
+            files = [(name.removeprefix("./"), size, mtime) for name, size, mtime in files]
+        glob = _glob(path) if pattern else None
         matched = [
-            f
-            for f in infos
-            if f.type == fs.FileType.File
-            and (not pattern or fnmatch.fnmatch(f.path, path))
-            and (info.type == fs.FileType.File or format_of(f.path))
-            and not any(part.startswith((".", "_")) for part in f.path[len(base) :].split("/"))
+            (name, size, mtime)
+            for name, size, mtime in files
+            if (glob is None or glob.fullmatch(name))
+            and (single or format_of(name))
+            and not any(
+                part.startswith((".", "_"))
+                for part in name[0 if base == "." else len(base) :].split("/")
+            )
         ]
         if not matched:
             raise UserError(f"{field}.{i}: {source!r} matched no corpus files")
-        for f in matched:
-            if format_of(f.path) is None:
+        for name, size, mtime in matched:
+            if format_of(name) is None:
                 raise UserError(
-                    f"{field}.{i}: {scheme}{f.path} is not .jsonl, .jsonl.gz, .parquet or .txt"
+                    f"{field}.{i}: {scheme}{name} is not .jsonl, .jsonl.gz, .parquet or .txt"
                 )
-            found[scheme + f.path] = (scheme + f.path, f.size, f.mtime_ns or 0)
+            found.setdefault(scheme + name, (scheme + name, size, mtime))
     return sorted(found.values())
+
+
+def _glob(pattern: str) -> re.Pattern:
+    """A glob as a regex over whole paths: `**/` zero or more folders, `**` anything, `*` and
+    `?` within one name, `[...]` (`[!...]`) a set of characters."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] in "*?":
+            out.append("[^/]*" if pattern[i] == "*" else "[^/]")
+            i += 1
+        elif pattern[i] == "[" and (close := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : close]
+            out.append(
+                "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]"
+            )
+            i = close + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _listing(filesys, base: str, local: bool) -> tuple[bool, list[tuple[str, int, int]]]:
+    """(whether `base` is a file, [(path, size, mtime_ns)] of it or of the files under it)."""
+    from pyarrow import fs
+
+    info = filesys.get_file_info(base)
+    if info.type == fs.FileType.File:
+        return True, [(info.path, info.size, info.mtime_ns or 0)]
+    if info.type != fs.FileType.Directory:
+        return False, []
+    if not local:  # object stores have no links
+        selector = fs.FileSelector(base, recursive=True)
+        return False, [(f.path, f.size, f.mtime_ns or 0) for f in filesys.get_file_info(selector)
+                       if f.type == fs.FileType.File]  # fmt: skip
+    import collections
+    import os
+
+    files, seen, queue = [], set(), collections.deque([base.rstrip("/") or "/"])
+    while queue:  # breadth first: a file reached twice keeps its shallowest path, not via a link
+        folder = queue.popleft()
+        if os.path.realpath(folder) in seen:
+            continue
+        seen.add(os.path.realpath(folder))
+        with os.scandir(folder) as entries:
+            for e in sorted(entries, key=lambda e: (e.is_symlink(), e.name)):  # links last
+                if e.is_dir():
+                    queue.append(e.path)
+                elif e.is_file() and (real := os.path.realpath(e.path)) not in seen:
+                    seen.add(real)
+                    stat = e.stat()
+                    files.append((e.path, stat.st_size, stat.st_mtime_ns))
+    return False, files
 
 
 def clean(text: str, min_chars: int, max_chars: int | None) -> tuple[str | None, str | None]:
@@ -171,32 +234,53 @@ def _field(record, cfg, head: str, fields) -> tuple:
 
 
 def _txt_records(f, cfg) -> Iterator[tuple]:
-    try:
-        data = f.read()
-    except UNREADABLE as e:
-        yield 1, None, "unreadable", f"{type(e).__name__}: {e}"[:200]
-        return
-    if cfg.txt_split == "file":
-        blocks = [(1, data)]
-    else:  # blank-line-separated blocks, numbered by their first line
-        blocks, start, current = [], 1, []
-        for number, line in enumerate(data.split(b"\n"), 1):
-            if line.strip():
-                if not current:
-                    start = number
-                current.append(line)
-            elif current:
-                blocks.append((start, b"\n".join(current)))
-                current = []
-        if current:
-            blocks.append((start, b"\n".join(current)))
-    for number, block in blocks:
+    """A .txt file's documents (the file, or its blank-line-separated blocks, numbered by their
+    first line), streamed: a document over `max_line_bytes` is quarantined as
+    `document_too_long` without being held, as a JSONL line over it is."""
+    cap = cfg.max_line_bytes
+    for number, block, head in _blocks(f, cap, whole_file=cfg.txt_split == "file"):
+        if block is None:
+            yield number, None, head[0], head[1]
+            continue
         try:
             text = block.decode("utf-8")
         except UnicodeDecodeError:
             yield number, None, "invalid_utf8", repr(block[:80])
             continue
         yield (number, *clean(text, cfg.min_chars, cfg.max_chars), None)
+
+
+def _blocks(f, cap: int, whole_file: bool) -> Iterator[tuple]:
+    """(first line, bytes, None) per document, (first line, None, (reason, head)) for one over
+    `cap` bytes (its bytes past the cap are read and dropped), and a last (line, None,
+    ("unreadable", error)) if the stream fails part way."""
+    stream = io.BufferedReader(f, buffer_size=1 << 20)
+    number, start, parts, size, at_line_start = 1, None, [], 0, True
+    try:  # readline(cap + 1) returns a line longer than the cap in pieces
+        while chunk := stream.readline(cap + 1):
+            if not whole_file and at_line_start and chunk.endswith(b"\n") and not chunk.strip():
+                if start is not None:  # a blank line ends the block
+                    yield _block(start, parts, size, cap, whole_file)
+                start, parts, size = None, [], 0
+            else:
+                start = number if start is None else start
+                size += len(chunk)
+                if size <= cap or not parts:  # past the cap only the head is kept
+                    parts.append(chunk)
+            at_line_start = chunk.endswith(b"\n")
+            number += at_line_start
+    except UNREADABLE as e:
+        yield number, None, ("unreadable", f"{type(e).__name__}: {e}"[:200])
+        return
+    if start is not None:
+        yield _block(start, parts, size, cap, whole_file)
+
+
+def _block(start: int, parts: list[bytes], size: int, cap: int, whole_file: bool) -> tuple:
+    if size > cap:
+        return start, None, ("document_too_long", repr(parts[0][:80]))
+    block = b"".join(parts)  # a block: the text before its blank line, without its newline
+    return start, block if whole_file else block.removesuffix(b"\n"), None
 
 
 def _picked(record: dict, fields: list[str]) -> str:

@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from llm_dist.base import Section
+from llm_dist.base import Place, Section
 from llm_dist.finetune.scores import CLASSIFICATION, GENERATION, METRICS
 
 # Trial settings a search space may vary (each is also a field of TuneConfig, its default).
@@ -22,7 +22,7 @@ METHODS = {"full", "lora", "freeze"}
 class TaskConfig(Section):
     """The fine-tuning task data: chat records in the formats users have, or plain text."""
 
-    sources: list[str] = Field(default_factory=list)
+    sources: list[Place] = Field(default_factory=list)
     """Files, folders or globs of .jsonl / .jsonl.gz / .parquet (and .txt for format text) with the task's records."""
     format: Literal["messages", "sft", "alpaca", "sharegpt", "classify", "text"] = "messages"
     """messages (OpenAI chat turns), sft (prompt/response pairs), alpaca (instruction, input, output), sharegpt (conversations of from/value), classify (a text and its label: the label is the assistant's answer, predicted by each label's likelihood): loss on the assistant turns only; text: continued pretraining on `text_field`."""
@@ -97,7 +97,7 @@ class TaskConfig(Section):
 class TuneConfig(Section):
     """The sweep: trial defaults, the search space, the search algorithm and scheduler."""
 
-    base_model: str | None = None
+    base_model: Place | None = None
     """A local HF model folder to fine-tune; empty means this run's pretrain export."""
     task: TaskConfig = Field(default_factory=TaskConfig)
     """The task data (see `tune.task.*`)."""
