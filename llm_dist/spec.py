@@ -303,6 +303,8 @@ def reference() -> str:
 
 def _type_name(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:  # a type with a validator (`base.Place`): its base type
+        return _type_name(args[0])
     if origin is Literal:
         return " / ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
