@@ -180,7 +180,9 @@ def _validate(spec, args: argparse.Namespace) -> int:
     if args.print:
         import yaml
 
-        print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+        from llm_dist.redact import public
+
+        print(yaml.safe_dump(public(spec), sort_keys=False), end="")
     else:
         print(f"{args.spec}: valid (run {spec.name!r}, stages: {', '.join(spec.stages)})")
     return 0

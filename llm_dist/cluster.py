@@ -12,6 +12,7 @@ from pydantic import Field
 
 from llm_dist.base import Section, UserError
 from llm_dist.console import console
+from llm_dist.redact import real_env
 
 
 class ClusterConfig(Section):
@@ -59,7 +60,7 @@ def connect(spec) -> None:
         # "local" starts a new instance even when `ray start` left a cluster on this machine
         address=spec.cluster.address or "local",
         num_cpus=num_cpus,
-        runtime_env={"env_vars": spec.cluster.env} if spec.cluster.env else None,
+        runtime_env={"env_vars": env} if (env := real_env(spec.cluster.env)) else None,
         log_to_driver=True,
     )
     # Ray's driver takes SIGTERM for itself (a stack dump, then exit 15). A container's or a

@@ -1,7 +1,11 @@
 """submit / status / logs / stop: a spec run as a Ray job through the Ray Jobs API.
 
-The job's entrypoint carries the effective spec (every default and `--set` applied,
-`cluster.address: auto`) to `llm-dist run -` on its standard input, and this llm_dist package
+The job gets the effective spec (every default and `--set` applied, `cluster.address: auto`)
+in its runtime_env as LLM_DIST_SPEC, not on its command line, with each `cluster.env` value
+redacted (`redact.public`): the values travel as the runtime_env's own env_vars, which Ray sets
+for the job's driver and workers. Ray shows a job's entrypoint and runtime_env to everyone
+who can list the cluster's jobs, so a `cluster.env` name that says "secret" (KEY, TOKEN,
+PASSWORD...) is refused: such values belong in the nodes' environment. This llm_dist package
 travels with it (`py_modules`), so the cluster runs the code that submitted it; its nodes need
 llm-dist's dependencies installed. There is no working_dir: Ray re-extracts a job's
 working_dir whenever another node on the same disk fetches it, pulling it from under the
@@ -12,15 +16,15 @@ RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, and only ever goes into a request hea
 import os
 from pathlib import Path
 
-from llm_dist.base import UserError
+from llm_dist.base import UserError, credentials_in
 
 
 def submit(spec, address: str) -> str:
     """Submit `spec` to the cluster at `address`; returns the job id."""
     import json
-    import shlex
 
     import llm_dist
+    from llm_dist.redact import SECRET_NAME, public
 
     storage = spec.storage_path
     if "://" not in storage and not os.path.isabs(storage):
@@ -29,15 +33,25 @@ def submit(spec, address: str) -> str:
             "temporary folder on the cluster; use s3://…, gs://… or an absolute path every "
             "node shares"
         )
-    effective = spec.model_dump(mode="json")
+    secret = [name for name in spec.cluster.env if SECRET_NAME.search(name)]
+    if secret:
+        raise UserError(
+            f"cluster.env.{secret[0]}: a submitted job's environment is shown to everyone who "
+            "can list the cluster's jobs (`ray job list`, the dashboard); set it in the nodes' "
+            "own environment instead (a KubeRay secretKeyRef, the cluster launcher's "
+            "docker run_options; see docs/cluster.md), and serve's keys with "
+            "serve.api_keys_env or serve.api_keys_file"
+        )
+    effective = public(spec)
     effective["cluster"]["address"] = "auto"  # the job's driver joins the cluster it runs on
     effective["tracking"]["tracking_uri"] = _tracking_uri(spec, address)
     client = _client(address)
     job_id = _call(address, None, lambda: client.submit_job(
-        entrypoint=f"printf %s {shlex.quote(json.dumps(effective))} | python -m llm_dist.cli run -",
+        entrypoint='printf %s "$LLM_DIST_SPEC" | python -m llm_dist.cli run -',
         # Ray's job supervisor kills the job 3 s after `stop`'s SIGTERM by default; a clean
         # stop (Tune saving its sweep, Serve draining requests) may need longer
-        runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60", **spec.cluster.env},
+        runtime_env={"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60", **spec.cluster.env,
+                                  "LLM_DIST_SPEC": json.dumps(effective)},
                      "py_modules": [str(Path(llm_dist.__file__).parent)]},
         metadata={"llm_dist_run": spec.name},
     ))  # fmt: skip
@@ -58,10 +72,10 @@ def _tracking_uri(spec, address: str) -> str | None:
     if not uri:
         return None
     parts = urlsplit(uri)
-    if parts.username or parts.password:
+    if where := credentials_in(uri):  # the spec's field refuses them; the environment's too
         raise UserError(
-            "tracking.tracking_uri: it holds credentials, which the job would show on the Ray "
-            "dashboard; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            f"MLFLOW_TRACKING_URI: it holds a credential ({where}), which the job would show on "
+            "the Ray dashboard; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
             "MLFLOW_TRACKING_TOKEN) in the cluster's environment instead"
         )
     loopback = ("localhost", "127.0.0.1", "::1")

@@ -253,6 +253,16 @@ class Winner(Record):
     origin: Origin
 
 
+class ServedApp(Record):
+    """The Serve application a run deployed (`<run>/serve/app.json`), written as soon as it is
+    up: Ray Serve's `last_deployed_time_s` for it tells it from another run's app of the
+    same name, which `serve` neither replaces nor deletes."""
+
+    name: str
+    route_prefix: str
+    deployed_at: float
+
+
 class ServeResult(Record):
     url: str
     model: str

@@ -11,6 +11,7 @@ every path in them, and every read and write, as the typed records of `llm_dist.
     <run>/tune/completed.json      trials that ended by themselves (finished or stopped)
     <run>/tune/origin.json         what the sweep in tune/sweep/ was started from
     <run>/winner.json              Winner
+    <run>/serve/app.json           ServedApp: the Serve app this run deployed last
     <run>/report.html, logs/llm-dist.log
     <storage_path>/prepared/<fingerprint>/       DataResult in prepared.json, train/ val/ test/
     <storage_path>/prepared/task-<digest>/       TaskData in prepared.json, the same splits
@@ -33,12 +34,14 @@ from llm_dist.records import (
     Manifest,
     MetricsRow,
     Origin,
+    ServedApp,
     StageEntry,
     TaskData,
     TrainResult,
     TrialRow,
     Winner,
 )
+from llm_dist.redact import public
 
 PACKAGES = ("llm-dist", "ray", "deepspeed", "torch", "transformers", "tokenizers", "pyarrow")
 R = TypeVar("R", bound=BaseModel)
@@ -160,6 +163,7 @@ class RunFolder:
         self.completed = f"{self.tune}/completed.json"
         self.sweep_origin = f"{self.tune}/origin.json"
         self.winner = f"{self.uri}/winner.json"
+        self.served_app = f"{self.uri}/serve/app.json"
         self.report = f"{self.uri}/report.html"
         self.logs = f"{self.uri}/logs"
         self.log_file = f"{self.logs}/llm-dist.log"
@@ -197,7 +201,7 @@ class RunFolder:
         manifest = self.read_manifest()
         now = _now()
         fields = {
-            "spec": spec.model_dump(mode="json"), "started_at": now,
+            "spec": public(spec), "started_at": now,
             "versions": {p: _version(p) for p in PACKAGES} | {"python": platform.python_version()},
             "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
                      "cpus": os.cpu_count()},
@@ -229,6 +233,12 @@ class RunFolder:
     # ---- tune
     def read_winner(self) -> Winner | None:
         return read_record(self.winner, Winner)
+
+    def read_served_app(self) -> ServedApp | None:
+        return read_record(self.served_app, ServedApp)
+
+    def write_served_app(self, app: ServedApp) -> None:
+        write_record(self.served_app, app)
 
     def write_winner(self, winner: Winner) -> None:
         write_record(self.winner, winner)

@@ -237,8 +237,11 @@ def _describe(err: dict) -> list[str]:
     """One pydantic error as lines that each start with the field path."""
     loc = [str(p) for p in err["loc"]]
     path = ".".join(loc) or "spec"
-    if err["type"] == "value_error":  # our validators already name fields and fixes
-        return str(err["ctx"]["error"]).splitlines()
+    if err["type"] == "value_error":  # our validators name fields (a field's own: its path)
+        lines = str(err["ctx"]["error"]).splitlines()
+        return (
+            lines if not loc or lines[0].startswith(loc[0]) else [f"{path}: {lines[0]}", *lines[1:]]
+        )
     if err["type"] == "extra_forbidden":
         model: type[BaseModel] | None = JobSpec
         for part in loc[:-1]:

@@ -124,25 +124,57 @@ def copy(source: str, target: str) -> None:
 def local_folder(uri: str) -> str:
     """A local folder with the contents of `uri`: itself, or a cached copy of an object-store folder.
 
-    For what only reads local files (transformers' `from_pretrained`); the copy is kept under
-    the temp folder by a hash of the URI, so each node downloads a model once.
+    For what only reads local files (transformers' `from_pretrained`). The copy is this user's
+    (`cache_home()`, mode 0700: no one else can plant or change a model there), keyed by the
+    URI and every file's path, size and modification time as the store lists them (pyarrow
+    shows no ETag), so a changed source is copied again; it is filled in a temporary folder
+    and renamed into place whole, so a folder under its key is always complete. Each node
+    copies a model once per version.
     """
     if "://" not in uri:
         return uri
     import hashlib
+    import shutil
     import tempfile
 
     from pyarrow import fs
 
-    local = os.path.join(
-        tempfile.gettempdir(), "llm-dist", hashlib.sha256(uri.encode()).hexdigest()[:16]
-    )
-    if not os.path.exists(f"{local}/.complete"):
-        filesys, path = filesystem(uri)
-        os.makedirs(local, exist_ok=True)
-        fs.copy_files(path, local, source_filesystem=filesys)
-        open(f"{local}/.complete", "w").close()
+    filesys, path = filesystem(uri)
+    listing = sorted((f.path[len(path) :], f.size, f.mtime_ns) for f in
+                     filesys.get_file_info(fs.FileSelector(path, recursive=True))
+                     if f.type == fs.FileType.File)  # fmt: skip
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:24]
+    root = cache_home("models")
+    local = os.path.join(root, key)
+    if not os.path.isdir(local):
+        tmp = tempfile.mkdtemp(dir=root, prefix=".fill-")
+        try:
+            fs.copy_files(path, tmp, source_filesystem=filesys)
+            os.rename(tmp, local)  # atomic; a node's other process may have won the race
+        except OSError:
+            if not os.path.isdir(local):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return local
+
+
+def cache_home(*parts: str) -> str:
+    """This user's llm-dist cache folder (`$XDG_CACHE_HOME/llm-dist`, else
+    `~/.cache/llm-dist`), made mode 0700; a UserError when it is not this user's own."""
+    from llm_dist.base import UserError
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    folder = os.path.join(base, "llm-dist", *parts)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for level in (os.path.join(base, "llm-dist"), folder):
+        info = os.stat(level)
+        if info.st_uid != os.getuid():
+            raise UserError(f"{level}: the llm-dist cache belongs to another user (uid "
+                            f"{info.st_uid}); remove it or set XDG_CACHE_HOME")  # fmt: skip
+        if info.st_mode & 0o077:
+            os.chmod(level, 0o700)
+    return folder
 
 
 def subfolders(uri: str) -> list[str]:

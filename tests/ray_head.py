@@ -144,6 +144,14 @@ def marked(mark: str) -> list[str]:
     return found
 
 
+def kill_marked(mark: str) -> None:
+    """SIGKILL every live process that `marked` finds: what a failed test left running would
+    hold the next tests' ports (Ray's dashboard, Serve's proxy)."""
+    for line in marked(mark):
+        with contextlib.suppress(OSError):
+            os.kill(int(line.split(":", 1)[0]), 9)
+
+
 def no_marked_process_within(mark: str, seconds: float) -> list[str]:
     """Waits up to `seconds` for every marked process to end; returns those still alive."""
     deadline = time.monotonic() + seconds

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import NASTY_BAD, write_nasty
+from conftest import NASTY_BAD, S3_ENV, write_nasty
 
 from llm_dist.base import UserError
 from llm_dist.data import corpus
@@ -272,6 +272,47 @@ def test_in_memory_shares_are_disjoint_seeded_and_skip_consumed(tmp_path):
         assert (b["mask"][:, 0] == b["id"] % 2).all()
     assert [int(i) for b in share(0) for i in b["id"]] == ids[0]
     assert [int(i) for b in share(0, seed=4) for i in b["id"]] != ids[0]
+
+
+def test_a_model_on_object_storage_is_cached_per_user_and_per_version(s3_server, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """The cache was a predictable shared /tmp/llm-dist/<hash> that trusted any folder with a
+    .complete file and never rechecked the source: it is the user's own (0700), keyed by
+    the source's files, so a changed model is copied again and a planted folder is not read."""
+    import hashlib
+    import os
+    import tempfile
+
+    import boto3
+
+    from llm_dist.storage import local_folder
+
+    for key, value in {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="models")
+    s3.put_object(Bucket="models", Key="m/config.json", Body=b'{"v": 1}')
+    s3.put_object(Bucket="models", Key="m/sub/weights.bin", Body=b"\x00" * 10)
+    uri = "s3://models/m"
+    planted = Path(tempfile.gettempdir(), "llm-dist", hashlib.sha256(uri.encode()).hexdigest()[:16])
+    planted.mkdir(parents=True, exist_ok=True)
+    (planted / ".complete").touch()
+    (planted / "config.json").write_text('{"v": "planted"}')
+
+    first = Path(local_folder(uri))
+    assert first.parent == tmp_path / "cache" / "llm-dist" / "models"
+    assert (first / "config.json").read_text() == '{"v": 1}'
+    assert (first / "sub" / "weights.bin").read_bytes() == b"\x00" * 10
+    assert os.stat(first.parent).st_mode & 0o777 == 0o700
+    assert Path(local_folder(uri)) == first  # cached
+    s3.put_object(Bucket="models", Key="m/config.json", Body=b'{"v": 22}')
+    second = Path(local_folder(uri))
+    assert second != first and (second / "config.json").read_text() == '{"v": 22}'
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, second.name])
+    os.chmod(first.parent, 0o777)  # opened up by someone: closed again at the next use
+    local_folder(uri)
+    assert os.stat(first.parent).st_mode & 0o777 == 0o700
 
 
 def test_object_storage_sources_and_output(ray_session, s3_server, tmp_path):

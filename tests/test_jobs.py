@@ -20,7 +20,10 @@ def head(tmp_path_factory):
         yield running
 
 
-def write_spec(root: Path, max_steps: int) -> Path:
+SECRET = "s3cr3t-7f1c9e"
+
+
+def write_spec(root: Path, max_steps: int, env: str = "LLM_DIST_NOTE") -> Path:
     import sysconfig
 
     lib = Path(sysconfig.get_paths()["stdlib"])
@@ -37,6 +40,7 @@ model: {{preset: tiny, overrides: {{num_hidden_layers: 2, hidden_size: 64, inter
 pretrain: {{num_workers: 2, zero_stage: 2, precision: fp32, micro_batch_size: 4,
            max_steps: {max_steps}, warmup_steps: 2, log_every: 1, eval_every: 1000,
            checkpoint_every: 1000}}
+cluster: {{env: {{{env}: {SECRET}}}}}
 """)
     return spec
 
@@ -60,12 +64,41 @@ def test_a_submitted_spec_runs_and_its_logs_show_the_final_loss(head, tmp_path):
     for chatter in ("Started training worker group", "Setting up process group", "WARNING"):
         assert chatter in full and chatter not in logs, chatter
     assert len(logs.splitlines()) <= 45, logs
+    # a cluster.env value reaches the job through Ray's runtime_env only: it is on no command
+    # line and in no file of the run (manifest, spec, logs, checkpoints, Ray Train's state)
+    request = urllib.request.Request(f"{head['address']}/api/jobs/{job_id}",
+                                     headers={"Authorization": f"Bearer {head['token']}"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as response:
+        info = json.loads(response.read())
+    assert SECRET not in info["entrypoint"] and "LLM_DIST_SPEC" in info["entrypoint"]
+    assert SECRET not in json.dumps(info["metadata"]) + logs
+    leaked = [
+        f
+        for f in (tmp_path / "runs").rglob("*")
+        if f.is_file() and SECRET.encode() in f.read_bytes()
+    ]
+    assert leaked == []
+    manifest = json.loads((tmp_path / "runs" / "job" / "manifest.json").read_text())
+    assert manifest["spec"]["cluster"]["env"] == {"LLM_DIST_NOTE": "<redacted>"}
     rows = (tmp_path / "runs" / "job" / "pretrain" / "metrics.jsonl").read_text().splitlines()
     first = next(r for r in map(json.loads, rows) if r["kind"] == "train")
     print(
         f"\nsubmit -> first training step logged: {first['time'] - start:.1f} s "
         f"(step {first['step']}); submit -> done: {time.time() - start:.1f} s"
     )
+
+
+def test_a_secret_named_in_cluster_env_is_not_submitted(head, tmp_path):
+    """Ray shows a job's runtime_env to everyone who lists the cluster's jobs: a cluster.env
+    name that says it is a secret is refused before anything is sent."""
+    spec = write_spec(tmp_path, 10, env="LLM_DIST_API_KEYS")
+    out = cli("submit", str(spec), "--address", head["address"], token=head["token"])
+    assert out.returncode != 0 and SECRET not in out.stdout + out.stderr
+    assert (
+        "cluster.env.LLM_DIST_API_KEYS: a submitted job's environment is shown to everyone"
+        in out.stderr
+    )
+    assert not (tmp_path / "runs").exists()
 
 
 def test_stop_ends_a_running_job(head, tmp_path):

@@ -90,17 +90,22 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus") / "stdlib.jsonl", MODULES)
 
 
+SECRET = "s3cr3t-52be0d"
+
+
 @pytest.fixture(scope="module")
 def zero2_run(ray_session, corpus, tmp_path_factory, mlflow_server):
     """6 steps at ZeRO-2 with a checkpoint every 3, then the same spec resumed up to step 9;
-    both tracked in MLflow."""
+    both tracked in MLflow, with a secret in cluster.env."""
     root = tmp_path_factory.mktemp("zero2")
     spec = spec_for(root, corpus)
     spec.tracking.tracking_uri = mlflow_server
+    spec.cluster.env = {"LLM_DIST_NOTE": SECRET}
     pipeline.run(spec)
     first = rows(root / "p", "train")
     spec = spec_for(root, corpus, max_steps=9)
     spec.tracking.tracking_uri = mlflow_server
+    spec.cluster.env = {"LLM_DIST_NOTE": SECRET}
     pipeline.run(spec)
     return spec, root / "p", first
 
@@ -133,8 +138,9 @@ def test_metrics_result_and_manifest(zero2_run):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["pretrain"]["status"] == "succeeded"
     assert manifest["stages"]["pretrain"]["outputs"]["test_loss"] == result["test_loss"]
-    # keep_checkpoints: 2 of the checkpoints at 3, 6 and 9 remain
-    assert [m["step"] for _, m in committed(str(run / "pretrain" / "checkpoints"))] == [9, 6]
+    # keep_checkpoints: 2 whole ones at every moment, so Ray Train keeps 3 on disk: it deletes
+    # the oldest as it registers a new one, before that one's manifest is committed
+    assert [m["step"] for _, m in committed(str(run / "pretrain" / "checkpoints"))] == [9, 6, 3]
 
 
 def test_data_and_pretraining_are_tracked_in_mlflow(zero2_run):
@@ -171,6 +177,15 @@ def test_data_and_pretraining_are_tracked_in_mlflow(zero2_run):
     assert [m.step for m in client.get_metric_history(pretrain.info.run_id, "mfu")] != []
     artifacts = {a.path for a in client.list_artifacts(pretrain.info.run_id)}
     assert {"metrics.jsonl", "result.json"} <= artifacts
+    # the cluster.env value: in no file of the run (manifest, console log, checkpoints, Ray
+    # Train's state), no MLflow parameter and not in the logged spec.yaml
+    assert [f for f in run.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()] == []
+    assert parent.data.params["cluster.env.LLM_DIST_NOTE"] == "<redacted>"
+    for r in runs:
+        assert SECRET not in json.dumps(r.data.params)
+    logged = client.download_artifacts(parent.info.run_id, "spec.yaml")
+    assert "LLM_DIST_NOTE: <redacted>" in Path(logged).read_text()
+    assert SECRET not in Path(logged).read_text()
 
 
 def test_export_reloads_offline_and_generates(zero2_run):
@@ -193,7 +208,7 @@ def test_resume_falls_back_past_a_broken_checkpoint(zero2_run, tmp_path):
     copy = tmp_path / "p"
     shutil.copytree(run, copy)
     root = str(copy / "pretrain" / "checkpoints")
-    newest, previous = [f for f, _ in committed(root)]
+    newest, previous, oldest = [f for f, _ in committed(root)]
     assert latest_whole(root) == ((newest, committed(root)[0][1]), [])
     shard = next(Path(newest, "state").glob("*optim_states.pt"))
     size = shard.stat().st_size
@@ -205,7 +220,43 @@ def test_resume_falls_back_past_a_broken_checkpoint(zero2_run, tmp_path):
     ]
     shard.unlink()
     Path(previous, "checkpoint.json").unlink()  # a missing manifest
-    assert latest_whole(root) == (None, [(newest, f"{shard.relative_to(newest)} is missing")])
+    missing = [(newest, f"{shard.relative_to(newest)} is missing")]
+    assert latest_whole(root) == ((oldest, committed(root)[1][1]), missing)
+    Path(oldest, "checkpoint.json").unlink()
+    assert latest_whole(root) == (None, missing)
+
+
+def test_worker_state_runs_no_code_and_a_crafted_pickle_is_refused(zero2_run, tmp_path):
+    """A crafted worker-0.pt in a shared bucket ran code on every worker (torch.load with
+    weights_only=False): worker state is safetensors, and a pickle under its name is refused
+    naming the file, without running. The RNG streams and the ledger come back as saved."""
+    import pickle
+    import random
+
+    from llm_dist.train.checkpoint import _set_rng_states, load_worker, save_worker
+
+    _, run, _ = zero2_run
+    for folder, meta in committed(str(run / "pretrain" / "checkpoints")):
+        assert sorted(f for f in meta["files"] if f.startswith("worker-")) == [
+            "worker-0.safetensors", "worker-1.safetensors"]  # fmt: skip
+        assert load_worker(f"{folder}/worker-1.safetensors")[1].shape[1] == 2
+    ledger = np.arange(8, dtype=np.int64).reshape(4, 2)
+    save_worker(str(tmp_path / "w.safetensors"), ledger)
+    after = random.random(), np.random.rand(), torch.rand(1).item()
+    rng, back = load_worker(str(tmp_path / "w.safetensors"))
+    _set_rng_states(rng)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == after
+    assert np.array_equal(back, ledger)
+
+    class Crafted:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "ran"),)
+
+    crafted = tmp_path / "worker-0.safetensors"
+    crafted.write_bytes(pickle.dumps(Crafted()))
+    with pytest.raises(UserError, match=f"^{crafted}: not an llm-dist worker state"):
+        load_worker(str(crafted))
+    assert not (tmp_path / "ran").exists()
 
 
 def test_a_rerun_under_another_model_is_refused_and_serves_nothing_stale(zero2_run, corpus):

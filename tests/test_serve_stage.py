@@ -49,7 +49,52 @@ def test_serves_the_winner_else_the_pretrain_export_then_stops(
     assert pipeline.run(spec) == folder
     outputs = json.loads((run / "manifest.json").read_text())["stages"]["serve"]["outputs"]
     assert outputs["source"] == "tune winner abc_00001"
-    assert outputs["url"] == f"http://127.0.0.1:{serve_port}"
+    assert outputs["url"] == f"http://127.0.0.1:{serve_port}/stage"  # its own route
+
+
+@pytest.mark.slow
+def test_two_runs_serve_side_by_side_and_neither_clobbers_the_other(
+    ray_session, serve_port, tiny_base, tmp_path
+):
+    """Every app was deployed at / under the run's name: a teammate's run replaced, then
+    deleted, another's endpoint. Each app now has its own route, a run replaces or deletes
+    only the app it deployed, and an app of its name that it did not deploy is refused."""
+    from ray import serve
+
+    from llm_dist.serve.run import delete_own, deploy
+
+    def answer(url: str, model: str) -> int:
+        body = json.dumps({"model": model, "prompt": "def f(x):", "max_tokens": 2}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", body,
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.load(r)["model"] == model
+            return r.status
+
+    specs = {name: spec_for(tmp_path / name, serve_port, model=tiny_base).model_copy(
+        update={"name": name}) for name in ("alice", "bob")}  # fmt: skip
+    runs = {name: str(tmp_path / name / name) for name in specs}
+    try:
+        urls = {name: deploy(spec, runs[name]).url for name, spec in specs.items()}
+        assert urls == {n: f"http://127.0.0.1:{serve_port}/{n}" for n in specs}
+        assert [answer(urls[n], n) for n in specs] == [200, 200]
+        alice = serve.status().applications["alice"].last_deployed_time_s
+        with pytest.raises(UserError) as e:  # another run folder, the same name
+            deploy(specs["alice"], str(tmp_path / "other" / "alice"))
+        assert str(e.value).startswith(
+            "serve: the cluster already serves an app named 'alice' that this run did not deploy"
+        )
+        assert serve.status().applications["alice"].last_deployed_time_s == alice
+        assert delete_own(runs["bob"]) and sorted(serve.status().applications) == ["alice"]
+        assert answer(urls["alice"], "alice") == 200
+        shorter = specs["alice"].serve.model_copy(update={"max_tokens": 4})
+        deploy(specs["alice"].model_copy(update={"serve": shorter}), runs["alice"])  # its own
+        assert answer(urls["alice"], "alice") == 200
+        assert delete_own(runs["alice"]) and "alice" not in serve.status().applications
+    finally:
+        for name in specs:
+            if name in serve.status().applications:
+                serve.delete(name)
 
 
 @pytest.mark.slow
@@ -157,38 +202,42 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_ray_process(tiny_base, 
     response ends whole, new connections are refused, exit 0, no process of its Ray left."""
     import signal
 
-    from ray_head import cli_in_background, free_port, no_marked_process_within
+    from ray_head import cli_in_background, free_port, kill_marked, no_marked_process_within
 
     port = free_port()
     proc, mark, log = cli_in_background("serve", spec_for(tmp_path, port, model=tiny_base,
                                                           max_tokens=48), tmp_path)  # fmt: skip
-    deadline = time.monotonic() + 180
-    while "serving until Ctrl-C" not in log.read_text():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.5)
-    body = {"model": "stage", "prompt": "def read_config(path):", "max_tokens": 48,
-            "temperature": 0, "stream": True}  # fmt: skip
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
-                                     json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    with urllib.request.urlopen(request, timeout=60) as stream:
-        first = stream.readline()
-        assert first.startswith(b"data: ")
-        proc.send_signal(signal.SIGTERM)  # a response is streaming
-        rest = stream.read().decode()
-    events = [json.loads(line[6:]) for line in (first.decode() + rest).splitlines()
-              if line.startswith("data: {")]  # fmt: skip
-    assert rest.rstrip().endswith("data: [DONE]")
-    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    code = proc.wait(timeout=90)
-    out = log.read_text()
-    assert code == 0, out[-3000:]
-    assert "serve: stopped" in out
-    full = (tmp_path / "stage" / "logs" / "llm-dist.log").read_text()  # the rest of the output
-    assert "SIGTERM received" not in out + full  # Ray's own handler: a stack dump, then exit 15
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    assert no_marked_process_within(mark, 30) == []
+    try:
+        deadline = time.monotonic() + 180
+        while "serving until Ctrl-C" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        body = {"model": "stage", "prompt": "def read_config(path):", "max_tokens": 48,
+                "temperature": 0, "stream": True}  # fmt: skip
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/stage/v1/completions",
+                                         json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as stream:
+            first = stream.readline()
+            assert first.startswith(b"data: ")
+            proc.send_signal(signal.SIGTERM)  # a response is streaming
+            rest = stream.read().decode()
+        events = [json.loads(line[6:]) for line in (first.decode() + rest).splitlines()
+                  if line.startswith("data: {")]  # fmt: skip
+        assert rest.rstrip().endswith("data: [DONE]")
+        assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        code = proc.wait(timeout=90)
+        out = log.read_text()
+        assert code == 0, out[-3000:]
+        assert "serve: stopped" in out
+        full = (tmp_path / "stage" / "logs" / "llm-dist.log").read_text()  # the rest of the output
+        assert "SIGTERM received" not in out + full  # Ray's own handler: a stack dump, then exit 15
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        assert no_marked_process_within(mark, 30) == []
+    finally:  # a failure above must not leave a server holding ports
+        proc.kill()
+        kill_marked(mark)
 
 
 def test_nothing_to_serve_is_refused(tmp_path):

@@ -198,3 +198,48 @@ def test_the_gpu_check_validates_every_spec_it_would_run(tmp_path):
         assert spec.cluster.use_gpu is True
     assert load_spec(tmp_path / "pretrain-2gpu.yaml").pretrain.num_workers == 2
     assert load_spec(tmp_path / "serve-vllm.yaml").serve.api_keys_env  # keys on vLLM
+
+
+@pytest.mark.parametrize("field,value", [
+    ("storage_path", "s3://AKIA:s3cr3t@bucket/runs"),
+    ("data.sources", ["s3://bucket/ok.jsonl", "s3://AKIA:s3cr3t@bucket/corpus/"]),
+    ("tracking.tracking_uri", "https://bob:s3cr3t@mlflow.internal"),
+    ("tracking.tracking_uri", "https://mlflow.internal/api?access_token=s3cr3t"),
+    ("tune.base_model", "gs://bucket/model?X-Goog-Signature=s3cr3t"),
+])  # fmt: skip
+def test_a_credential_in_a_uri_is_refused_naming_the_field_not_the_secret(tmp_path, field, value):
+    """pyarrow takes `s3://KEY:SECRET@bucket`, some tracking servers `?access_token=`: either
+    was copied into the manifest, MLflow and the dashboard. Refused when the spec is read."""
+    raw = {"name": "r", "stages": ["data", "tune"], "data": {"sources": ["a.jsonl"]},
+           "tune": {"base_model": "/m", "task": {"sources": ["t.jsonl"]},
+                    "search_space": {"lr": {"choice": [1e-3]}}}}  # fmt: skip
+    section, _, key = field.rpartition(".")
+    (raw.setdefault(section, {}) if section else raw)[key] = value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(UserError) as e:
+        load_spec(path)
+    where = f"{field}.1" if isinstance(value, list) else field
+    assert f"  - {where}: holds a credential (" in str(e.value)
+    assert "s3cr3t" not in str(e.value)
+
+
+def test_cluster_env_values_are_redacted_in_every_record_of_the_spec(tmp_path):
+    """`public` is what the manifest, MLflow, the report, `validate --print` and a submitted
+    job hold; the values reach Ray only through its runtime_env (`real_env`)."""
+    import subprocess
+    import sys
+
+    from llm_dist.redact import REDACTED, public, real_env
+
+    spec = JobSpec(name="r", stages=["data"], data={"sources": ["a.jsonl"]},
+                   cluster={"env": {"HF_HOME": "/h", "DB_URL": "postgres://u:s3cr3t@db"}})  # fmt: skip
+    assert public(spec)["cluster"]["env"] == {"HF_HOME": REDACTED, "DB_URL": REDACTED}
+    assert spec.cluster.env["DB_URL"] == "postgres://u:s3cr3t@db"  # the spec itself keeps it
+    assert real_env(public(spec)["cluster"]["env"]) == {}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    out = subprocess.run([sys.executable, "-m", "llm_dist.cli", "validate", str(path), "--print"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and "s3cr3t" not in out.stdout
+    assert yaml.safe_load(out.stdout)["cluster"]["env"] == {"HF_HOME": REDACTED, "DB_URL": REDACTED}

@@ -83,10 +83,15 @@ def test_submit_passes_on_a_tracking_uri_the_cluster_can_reach_and_never_credent
     assert "is on this machine, which the job's driver on the cluster cannot reach" in (
         capsys.readouterr().out
     )
-    spec.tracking.tracking_uri = "https://bob:secret@mlflow.internal"
-    with pytest.raises(UserError, match=r"tracking\.tracking_uri: it holds credentials") as e:
-        _tracking_uri(spec, "http://head:8265")
-    assert "secret" not in str(e.value)
+    spec.tracking.tracking_uri = None
+    for uri in (
+        "https://bob:s3cr3t@mlflow.internal",
+        "https://mlflow.internal/?access_token=s3cr3t",
+    ):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        with pytest.raises(UserError, match=r"^MLFLOW_TRACKING_URI: it holds a credential") as e:
+            _tracking_uri(spec, "http://head:8265")
+        assert "s3cr3t" not in str(e.value)
 
 
 def test_a_torn_metrics_line_reaching_tracking_costs_that_line_only(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The `serve:` section: what Ray Serve hosts, where it listens, how it batches, scales and guards itself."""
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -44,6 +45,8 @@ class ServeConfig(Section):
     """Address the HTTP proxy binds to; loopback unless you mean to expose it."""
     port: int = Field(8000, ge=1, le=65535)
     """Port of the HTTP proxy."""
+    route_prefix: str | None = None
+    """The app's route on the proxy (its API at <route_prefix>/v1); empty: /<run name>, so that several runs' apps serve side by side on one cluster. `/` takes the proxy's root."""
     num_replicas: int = Field(1, ge=1)
     """Fixed replica count (ignored when `autoscaling` is set)."""
     autoscaling: AutoscalingConfig | None = None
@@ -96,6 +99,12 @@ class ServeConfig(Section):
             )
         if self.api_keys_env and self.api_keys_file:
             raise ValueError("serve.api_keys_env and serve.api_keys_file are both set; keep one")
+        prefix = self.route_prefix
+        if prefix is not None and not re.fullmatch(r"/|(/[A-Za-z0-9._~-]+)+", prefix):
+            raise ValueError(
+                f"serve.route_prefix: {prefix!r} is not a route; use / or /name[/name...] of "
+                "letters, digits, '.', '_', '~' or '-', without a trailing /"
+            )
         if (
             self.engine == "vllm"
             and self.gpus_per_replica is not None

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llm_dist.base import UserError
 from llm_dist.console import console
-from llm_dist.records import ServeResult
+from llm_dist.records import ServedApp, ServeResult
 from llm_dist.run_folder import RunFolder
 
 
@@ -32,7 +32,7 @@ def run_stage(spec, run: str, keep_serving: bool = False, tracker=None) -> Serve
     if tracker:
         tracker.served(outputs.url)
     if not (keep_serving or spec.serve.keep_serving):
-        serve.delete(spec.name)
+        delete_own(run)
         console.print(
             "serve: stopped (set serve.keep_serving, or use `llm-dist serve`, to keep it up)"
         )
@@ -44,7 +44,7 @@ def run_stage(spec, run: str, keep_serving: bool = False, tracker=None) -> Serve
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM
             # Deleting the app first lets its replicas finish the requests in flight while the
             # proxy still carries their responses (new ones get 404); then the proxy goes.
-            serve.delete(spec.name)
+            delete_own(run)
             serve.shutdown()
             console.print("serve: stopped")
     else:
@@ -55,9 +55,12 @@ def run_stage(spec, run: str, keep_serving: bool = False, tracker=None) -> Serve
 
 
 def deploy(spec, run: str) -> ServeResult:
-    """Deploy the spec's model as the Serve application named after the run; ask it once."""
+    """Deploy the spec's model as the Serve application named after the run, on its own route
+    (`serve.route_prefix`, else /<name>); ask it once. An app of that name that this run did not
+    deploy is refused, not replaced."""
     import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     from llm_dist.cluster import connect, ensure_room
     from llm_dist.model import check_folder
@@ -81,9 +84,22 @@ def deploy(spec, run: str) -> ServeResult:
         app = _transformers_app(spec, folder, hashes, gpus)
     started = time.monotonic()
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(app, name=spec.name, route_prefix="/")
+    prefix = s.route_prefix or f"/{spec.name}"
+    _refuse_anothers(spec.name, prefix, run)
+    try:
+        serve.run(app, name=spec.name, route_prefix=prefix)
+    except RayServeException as e:
+        if "is being used by application" not in str(e):
+            raise
+        raise UserError(f"serve.route_prefix: {e} Serve this run on another route "
+                        "(--set serve.route_prefix=/...)") from None  # fmt: skip
+    # what tells this deployment from a later one of the same name by someone else
+    deployed_at = serve.status().applications[spec.name].last_deployed_time_s
+    RunFolder(run).write_served_app(ServedApp(name=spec.name, route_prefix=prefix,
+                                              deployed_at=deployed_at))  # fmt: skip
     ready = time.monotonic() - started
-    url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+    url = f"http://{host}:{s.port}{prefix.rstrip('/')}"
     console.print(f"serve: {spec.name!r} ({source}: {folder}) is up at {url}/v1 in {ready:.1f} s")
 
     chat = bool(tokenizer.chat_template)
@@ -110,6 +126,38 @@ def deploy(spec, run: str) -> ServeResult:
     return ServeResult(url=url, model=spec.name, folder=folder, source=source,
                        seconds_to_ready=round(ready, 2), test_prompt=s.test_prompt, answer=text,
                        usage=answer["usage"])  # fmt: skip
+
+
+def _refuse_anothers(name: str, prefix: str, run: str) -> None:
+    """A UserError when the cluster serves an app called `name` that this run did not deploy
+    (its `ServedApp` record is another's, or none): a teammate's endpoint is never replaced."""
+    from ray import serve
+
+    live = serve.status().applications.get(name)
+    if live is None:
+        return
+    own = RunFolder(run).read_served_app()
+    if own is None or own.deployed_at != live.last_deployed_time_s:
+        raise UserError(
+            f"serve: the cluster already serves an app named {name!r} that this run did not "
+            "deploy; serve this run under another name (--set name=...), or, if that app is "
+            f"yours to remove, `serve delete {name}` first"
+        )
+
+
+def delete_own(run: str) -> bool:
+    """Delete the Serve app this run deployed, if it is still the one this run deployed (a
+    later deployment of the same name by another is left up); True when deleted."""
+    from ray import serve
+
+    own = RunFolder(run).read_served_app()
+    live = serve.status().applications.get(own.name) if own else None
+    if live is None or live.last_deployed_time_s != own.deployed_at:
+        if own is not None:
+            console.print(f"serve: {own.name!r} was deployed again by someone else; left up")
+        return False
+    serve.delete(own.name)
+    return True
 
 
 def _model(spec, run: str) -> tuple[str, str]:

@@ -25,9 +25,10 @@ import json
 import os
 import time
 
-from llm_dist.base import flat
+from llm_dist.base import UserError, credentials_in, flat
 from llm_dist.console import console
 from llm_dist.records import DataResult, MetricsRow, Winner
+from llm_dist.redact import public
 from llm_dist.run_folder import RunFolder
 from llm_dist.tracking.config import PARENT, RUN, STAGE, TRIAL, quoted, short
 
@@ -73,7 +74,7 @@ class Tracker:
                 tags={PARENT: self.parent, STAGE: stage, RUN: self.run}).info.run_id  # fmt: skip
             sections = {"data": ["data"], "pretrain": ["model", "pretrain"], "tune": ["tune"],
                         "serve": ["serve"]}[stage]  # fmt: skip
-            effective = self.spec.model_dump(mode="json")
+            effective = public(self.spec)
             self._params(run_id, flat({k: effective[k] for k in sections}))
             self.stages[stage] = run_id
 
@@ -245,6 +246,10 @@ def start(spec, run: str) -> Tracker | None:
     uri = spec.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return None
+    if where := credentials_in(uri):  # the spec's field refuses them; the environment's too
+        raise UserError(f"MLFLOW_TRACKING_URI: holds a credential ({where}), which the run "
+                        "would log and show; set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME "
+                        "and MLFLOW_TRACKING_PASSWORD, instead")  # fmt: skip
     from mlflow import MlflowClient
 
     tracker = Tracker(MlflowClient(uri), uri, spec, run, "", "")
@@ -258,7 +263,7 @@ def start(spec, run: str) -> Tracker | None:
         else:
             tracker.parent = client.create_run(tracker.experiment_id, run_name=spec.name,
                                                tags={RUN: run, STAGE: "run"}).info.run_id  # fmt: skip
-        effective = spec.model_dump(mode="json")
+        effective = public(spec)
         tracker._params(tracker.parent, flat(effective))
         import yaml
 

@@ -3,16 +3,20 @@
 A checkpoint is `<run>/pretrain/checkpoints/step-<step>-<time>/`:
 
     state/...            DeepSpeed's files from every rank (model, optimizer shards, scheduler)
-    worker-<rank>.pt     that rank's RNG states and the sequences it consumed this epoch
+    worker-<rank>.safetensors  that rank's RNG states and the sequences it consumed this epoch
+                         (tensors, and JSON in the metadata: nothing in it can run code)
     checkpoint.json      written by rank 0 after every rank's upload finished: step, epoch,
                          world size, and the size and sha256 of every file above
 
 Ray Train uploads each rank's files (`ray.train.report(checkpoint=...)`) into one folder and
 keeps the last N. Loading walks the checkpoints newest first and takes the first whose
 manifest is there and whose files all match it, logging why it passed over any other.
+DeepSpeed's own files under state/ are pickles that DeepSpeed loads: a run folder must be
+writable only by those its runs trust (docs/cluster.md says so).
 """
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -38,7 +42,6 @@ def save(engine, state, root: str, metrics: dict, origin: dict | None = None,
     it). Returns the checkpoint's folder.
     """
     import ray.train
-    import torch
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -46,7 +49,7 @@ def save(engine, state, root: str, metrics: dict, origin: dict | None = None,
     dist.broadcast_object_list(dir_name, src=0)  # one folder for every rank's files
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(tmp, tag="state")
-        torch.save({"rng": _rng_states(), "ledger": state.rows()}, f"{tmp}/worker-{rank}.pt")
+        save_worker(f"{tmp}/worker-{rank}.safetensors", state.rows())
         files = {}
         for parent, _, names in os.walk(tmp):
             for path in (os.path.join(parent, name) for name in names):
@@ -130,22 +133,65 @@ def load(engine, folder: str, meta: dict):
     in `folder`, whose manifest is `meta`; returns the loop's `TrainState` as it was saved, with
     every rank's ledger rows of the epoch in progress as the ids already consumed."""
     import ray.train
-    import torch
     import torch.distributed as dist
 
     from llm_dist.train.state import TrainState
 
     with ray.train.Checkpoint(folder).as_directory() as local:  # downloads from object storage
+        # the worker files first: a checkpoint of an older llm-dist fails before DeepSpeed's
+        workers = [load_worker(f"{local}/worker-{r}.safetensors")
+                   for r in range(dist.get_world_size())]  # fmt: skip
         engine.load_checkpoint(local, tag="state", load_optimizer_states=True,
                                load_lr_scheduler_states=True)  # fmt: skip
-        workers = [
-            torch.load(f"{local}/worker-{r}.pt", weights_only=False)
-            for r in range(dist.get_world_size())
-        ]
-    mine = workers[dist.get_rank()]
-    _set_rng_states(mine["rng"])
-    everyone = np.concatenate([w["ledger"] for w in workers]).reshape(-1, 2)
-    return TrainState.resumed(meta, mine["ledger"].reshape(-1, 2), everyone)
+    rng, ledger = workers[dist.get_rank()]
+    _set_rng_states(rng)
+    everyone = np.concatenate([rows for _, rows in workers]).reshape(-1, 2)
+    return TrainState.resumed(meta, ledger.reshape(-1, 2), everyone)
+
+
+def save_worker(path: str, ledger) -> None:
+    """One rank's RNG states and `ledger` (int64 rows of the epoch's consumed ids) as safetensors:
+    the generators' tensors and arrays as tensors, the rest JSON in the file's metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    rng = _rng_states()
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    version, words, gauss_next = rng["python"]
+    tensors = {"torch": rng["torch"], "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+               "python_words": torch.tensor(words, dtype=torch.int64),
+               "ledger": torch.from_numpy(np.ascontiguousarray(ledger, dtype=np.int64))}  # fmt: skip
+    if "cuda" in rng:
+        tensors["cuda"] = rng["cuda"]
+    meta = {"numpy": [kind, pos, has_gauss, gauss], "python": [version, gauss_next]}
+    save_file(tensors, path, metadata={"llm_dist": json.dumps(meta)})
+
+
+def load_worker(path: str) -> tuple[dict, np.ndarray]:
+    """(RNG states, ledger) from `save_worker`'s file; a UserError naming it when it is not one
+    (a pickle, an older llm-dist's worker-<rank>.pt): safetensors never runs what it reads."""
+    from safetensors import SafetensorError, safe_open
+
+    from llm_dist.base import UserError
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["llm_dist"])
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open is no dict)
+    except (FileNotFoundError, SafetensorError, KeyError, ValueError) as e:
+        raise UserError(
+            f"{path}: not an llm-dist worker state ({type(e).__name__}: {e}); the checkpoint "
+            "was written by another llm-dist or altered: resume with the llm-dist that wrote "
+            "it, or start the run under a new name"
+        ) from None
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    version, gauss_next = meta["python"]
+    rng = {"torch": t["torch"],
+           "numpy": (kind, t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss),
+           "python": (version, tuple(t["python_words"].tolist()), gauss_next)}  # fmt: skip
+    if "cuda" in t:
+        rng["cuda"] = t["cuda"]
+    return rng, t["ledger"].numpy()
 
 
 def _check(filesys, path: str, files: dict) -> str | None:

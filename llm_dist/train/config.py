@@ -67,7 +67,7 @@ class PretrainConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     """Steps between checkpoints (one is always written at the end)."""
     keep_checkpoints: int = Field(2, ge=1)
-    """Whole checkpoints kept; older ones are deleted."""
+    """Whole checkpoints that exist at every moment, even while the next one is written; Ray Train keeps one more on disk (it deletes the oldest when a new one is registered, before that one is whole) and deletes older ones."""
     max_failures: int = Field(1, ge=-1)
     """Worker-group restarts Ray Train attempts after a failure (-1: unlimited)."""
     max_bad_steps: int = Field(5, ge=1)

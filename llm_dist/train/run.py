@@ -121,7 +121,10 @@ def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, cal
         run_config=ray.train.RunConfig(
             name=TrainFolder.CHECKPOINTS, storage_path=out, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.keep_checkpoints),
+            # Ray Train deletes the oldest checkpoint when it registers a new one, before rank
+            # 0 commits the new one's manifest: one more than kept, so that at every moment
+            # keep_checkpoints whole ones exist (a worker lost in that window resumes from one)
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.keep_checkpoints + 1),
         ),
     )  # fmt: skip
 
