@@ -224,12 +224,10 @@ def test_a_credential_in_a_uri_is_refused_naming_the_field_not_the_secret(tmp_pa
     assert "s3cr3t" not in str(e.value)
 
 
-def test_cluster_env_values_are_redacted_in_every_record_of_the_spec(tmp_path):
+def test_cluster_env_values_are_redacted_in_every_record_of_the_spec(tmp_path, capsys):
     """`public` is what the manifest, MLflow, the report, `validate --print` and a submitted
     job hold; the values reach Ray only through its runtime_env (`real_env`)."""
-    import subprocess
-    import sys
-
+    from llm_dist import cli
     from llm_dist.redact import REDACTED, public, real_env
 
     spec = JobSpec(name="r", stages=["data"], data={"sources": ["a.jsonl"]},
@@ -239,7 +237,7 @@ def test_cluster_env_values_are_redacted_in_every_record_of_the_spec(tmp_path):
     assert real_env(public(spec)["cluster"]["env"]) == {}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    out = subprocess.run([sys.executable, "-m", "llm_dist.cli", "validate", str(path), "--print"],
-                         capture_output=True, text=True)  # fmt: skip
-    assert out.returncode == 0 and "s3cr3t" not in out.stdout
-    assert yaml.safe_load(out.stdout)["cluster"]["env"] == {"HF_HOME": REDACTED, "DB_URL": REDACTED}
+    assert cli.main(["validate", str(path), "--print"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3t" not in out
+    assert yaml.safe_load(out)["cluster"]["env"] == {"HF_HOME": REDACTED, "DB_URL": REDACTED}
