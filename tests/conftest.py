@@ -127,7 +127,9 @@ def write_nasty(folder: Path) -> int:
         b'["a", "list"]',  # missing_field
         b'{"text": 42}',  # not_a_string
         b'{"text": null}',  # not_a_string
-        json.dumps({"text": "x" * 5000}).encode(),  # line_too_long (max_line_bytes 2048)
+        json.dumps(
+            {"text": "x" * 5000}
+        ).encode(),  # line_too_long (the tests cap lines at 2048 or 4096 bytes; notes.txt is 2,499)
         b"",  # a blank line: not a record
         json.dumps({"text": "   \n\t "}).encode(),  # empty after cleaning
         json.dumps({"text": "\ufeff\x00"}).encode(),  # only a BOM and a NUL: empty

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def spec_for(storage: Path, sources: list[str], **data) -> JobSpec:
-    data = {"sources": sources, "seq_len": 32, "max_line_bytes": 2048, "max_bad_fraction": 0.2,
+    data = {"sources": sources, "seq_len": 32, "max_line_bytes": 4096, "max_bad_fraction": 0.2,
             "tokenizer": {"vocab_size": 300, "train_sample_docs": 1000}, **data}  # fmt: skip
     return JobSpec(name="d", storage_path=str(storage), stages=["data"], data=data)
 
