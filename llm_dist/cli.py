@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a spec field, e.g. pretrain.zero_stage=3")  # fmt: skip
         if name not in ("validate", "submit"):
+            p.add_argument("--wait", action="store_true",
+                           help="when another process is running in this run folder, wait for it "
+                                "to end (by default this one stops at once, naming it)")  # fmt: skip
             p.add_argument("--verbose", action="store_true",
                            help="show everything Ray, Tune, torch and the workers print (by default "
                                 "it goes to the run's log file, in its logs folder) and every metrics row")  # fmt: skip
@@ -151,10 +154,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from llm_dist import pipeline
     from llm_dist.console import capture, console
+    from llm_dist.lock import hold
     from llm_dist.run_folder import run_uri
 
     stages = {"run": None, "data": ["data"]}.get(args.verb, [args.verb])
-    with capture(run_uri(spec), args.verbose) as log:
+    # held before the log opens: a process turned away writes nothing into the folder
+    with hold(run_uri(spec), args.wait), capture(run_uri(spec), args.verbose) as log:
         if log:
             console.print(f"{spec.name}: Ray's, Tune's and the workers' output goes to {log} "
                           "(--verbose shows it here)")  # fmt: skip

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from llm_dist.base import Section, UserError
 from llm_dist.console import console
-from llm_dist.redact import real_env
+from llm_dist.redact import check_shared_env, real_env
 
 
 class ClusterConfig(Section):
@@ -46,7 +46,9 @@ def connect(spec) -> None:
     if ray.is_initialized():
         return
     num_cpus = None
-    if spec.cluster.address is None:
+    if spec.cluster.address is not None:  # a shared cluster: its dashboard shows runtime_env
+        check_shared_env(spec.cluster.env)
+    else:
         # Logical CPUs, not cores: Ray Data needs free slots to read the training workers'
         # shards, or it waits forever behind workers that hold every CPU.
         trials = spec.tune.max_concurrent_trials or 1

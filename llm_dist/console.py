@@ -33,6 +33,7 @@ def capture(run: str, verbose: bool = False):
         VERBOSE.set()
         yield None
         return
+    from llm_dist.redact import command
     from llm_dist.run_folder import RunFolder
 
     folder = RunFolder(run)
@@ -49,7 +50,8 @@ def capture(run: str, verbose: bool = False):
     saved = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
     console.file = terminal
-    os.write(log, f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.write(log, f"\n==== {when} {command(sys.argv)}\n".encode())
     os.dup2(log, 1)
     os.dup2(log, 2)
     try:

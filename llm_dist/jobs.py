@@ -24,7 +24,7 @@ def submit(spec, address: str) -> str:
     import json
 
     import llm_dist
-    from llm_dist.redact import SECRET_NAME, public
+    from llm_dist.redact import check_shared_env, public
 
     storage = spec.storage_path
     if "://" not in storage and not os.path.isabs(storage):
@@ -33,15 +33,7 @@ def submit(spec, address: str) -> str:
             "temporary folder on the cluster; use s3://…, gs://… or an absolute path every "
             "node shares"
         )
-    secret = [name for name in spec.cluster.env if SECRET_NAME.search(name)]
-    if secret:
-        raise UserError(
-            f"cluster.env.{secret[0]}: a submitted job's environment is shown to everyone who "
-            "can list the cluster's jobs (`ray job list`, the dashboard); set it in the nodes' "
-            "own environment instead (a KubeRay secretKeyRef, the cluster launcher's "
-            "docker run_options; see docs/cluster.md), and serve's keys with "
-            "serve.api_keys_env or serve.api_keys_file"
-        )
+    check_shared_env(spec.cluster.env)
     effective = public(spec)
     effective["cluster"]["address"] = "auto"  # the job's driver joins the cluster it runs on
     effective["tracking"]["tracking_uri"] = _tracking_uri(spec, address)

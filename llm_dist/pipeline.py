@@ -32,8 +32,20 @@ def run_stage(spec, stage: str, run: str, resume: bool = False, keep_serving: bo
 
 
 def run(spec, stages: list[str] | None = None, resume: bool = False,
-        keep_serving: bool = False) -> str:  # fmt: skip
+        keep_serving: bool = False, wait: bool = False) -> str:  # fmt: skip
     """Run `stages` (default: the spec's own list); returns the run folder.
+
+    The run folder is held while they run (`lock.hold`): a UserError naming the holder when
+    another process has it, unless `wait`, which waits for it to let go.
+    """
+    from llm_dist.lock import hold
+
+    with hold(RunFolder.of(spec).uri, wait):
+        return _run(spec, stages, resume, keep_serving)
+
+
+def _run(spec, stages: list[str] | None, resume: bool, keep_serving: bool) -> str:
+    """`run`, with the run folder held.
 
     Before anything is written, the results these stages would reuse are checked to be made
     from this spec (`reuse.check_run`). On a cluster that no autoscaler grows, the workers of

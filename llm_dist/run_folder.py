@@ -2,6 +2,7 @@
 every path in them, and every read and write, as the typed records of `llm_dist.records`.
 
     <run>/manifest.json            Manifest: spec, versions, host, each stage's status
+    <run>/lock, <run>/lock.json    who holds the folder now (`lock`: local flock, remote lease)
     <run>/data/                    the data stage's tokenizer/ and quarantine.jsonl, copied in
     <run>/pretrain/                a TrainFolder: checkpoints/, export/, metrics.jsonl,
                                    tensorboard/, ledger/, result.json (TrainResult)
@@ -15,12 +16,15 @@ every path in them, and every read and write, as the typed records of `llm_dist.
     <run>/report.html, logs/llm-dist.log
     <storage_path>/prepared/<fingerprint>/       DataResult in prepared.json, train/ val/ test/
     <storage_path>/prepared/task-<digest>/       TaskData in prepared.json, the same splits
+    <storage_path>/prepared/.<key>.<random>.tmp/ one being prepared, moved into place whole
 """
 
+import contextlib
 import os
 import platform
 import socket
 import time
+import uuid
 from importlib import metadata
 from typing import TypeVar
 
@@ -140,6 +144,33 @@ class PreparedFolder:
 
     def commit(self, record: DataResult | TaskData) -> None:
         write_record(self.info, record)
+
+    @contextlib.contextmanager
+    def preparing(self):
+        """A fresh folder beside this one to prepare into (the block's value); committed
+        there, it is moved into this place whole when the block ends. Two runs preparing the
+        same data at once never write into one folder, and the first to commit stays: the
+        later one's (made from the same inputs) is dropped, so no reader of the first loses
+        its files. What is here uncommitted (a crashed preparation's) is replaced. When the
+        block raises a UserError (the data is refused), the quarantine it names is kept here;
+        the rest is dropped.
+        """
+        parent, name = self.uri.rsplit("/", 1)
+        work = PreparedFolder(f"{parent}/.{name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            yield work
+            if storage.exists(work.info) and not storage.exists(self.info):
+                try:
+                    storage.replace_folder(work.uri, self.uri, last=os.path.basename(self.info))
+                except OSError:
+                    if not storage.exists(self.info):  # not a writer beside us: a real failure
+                        raise
+        except UserError:
+            if storage.exists(work.quarantine) and not storage.exists(self.info):
+                storage.copy(work.quarantine, self.quarantine)
+            raise
+        finally:
+            storage.delete(work.uri)
 
 
 def prepared_folder(spec, key: str) -> PreparedFolder:

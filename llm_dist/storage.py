@@ -177,6 +177,53 @@ def cache_home(*parts: str) -> str:
     return folder
 
 
+def delete(uri: str) -> None:
+    """Delete the file or folder (with all in it) at `uri`; nothing when there is none."""
+    from pyarrow import fs
+
+    filesys, path = filesystem(uri)
+    kind = filesys.get_file_info(path).type
+    if kind == fs.FileType.Directory:
+        filesys.delete_dir(path)
+    elif kind == fs.FileType.File:
+        filesys.delete_file(path)
+
+
+def replace_folder(source: str, target: str, last: str) -> None:
+    """Put the folder `source` in the place of `target`, whole; `source` is gone after.
+
+    Locally by renames (what was at `target` is moved aside first, then deleted), so a reader
+    sees the old folder or the new one, never a mix. Object storage cannot rename a folder:
+    there `target`'s files are deleted and `source`'s copied in, the file named `last` (the
+    one that commits the folder) after every other, so the folder counts as whole only once
+    it is. Raises OSError when another writer's folder took the place meanwhile.
+    """
+    from pyarrow import fs
+
+    if "://" not in target:
+        aside = f"{target}.{uuid.uuid4().hex}.old"
+        if os.path.exists(target):
+            os.rename(target, aside)
+        try:
+            os.rename(source, target)
+        finally:
+            if os.path.exists(aside):
+                import shutil
+
+                shutil.rmtree(aside, ignore_errors=True)
+        return
+    filesys, dst = filesystem(target)
+    src = filesystem(source)[1]
+    filesys.delete_dir_contents(dst, missing_dir_ok=True)
+    files = [f.path for f in filesys.get_file_info(fs.FileSelector(src, recursive=True))
+             if f.type == fs.FileType.File]  # fmt: skip
+    for path in sorted(files, key=lambda p: p.endswith("/" + last)):  # the commit last
+        into = dst + path[len(src) :]
+        filesys.create_dir(into.rsplit("/", 1)[0], recursive=True)
+        filesys.copy_file(path, into)
+    filesys.delete_dir(src)
+
+
 def subfolders(uri: str) -> list[str]:
     """The names of the folders directly inside `uri`, sorted ([] when it does not exist)."""
     from pyarrow import fs

@@ -156,6 +156,7 @@ def test_splits_by_content_are_seeded_and_sized():
     assert len(set(corpus.split_of(same, 0, 0.3, 0.3))) == 1  # duplicates share a split
 
 
+@pytest.mark.slow  # two walks of the standard library: 10 s
 def test_stdlib_corpus(tmp_path):
     from llm_dist.data.stdlib import collect
 

@@ -73,9 +73,9 @@ def test_too_many_bad_records_fail_and_nothing_is_lost(ray_session, tmp_path):
         in str(err.value)
     )
     assert "raise data.max_bad_fraction" in str(err.value)
-    prepared = next((tmp_path / "runs" / "prepared").iterdir())
+    [prepared] = (tmp_path / "runs" / "prepared").iterdir()  # no folder it was written in
     assert len((prepared / "quarantine.jsonl").read_text().splitlines()) == 11
-    assert not (prepared / "prepared.json").exists()  # never reused as if it were whole
+    assert [p.name for p in prepared.iterdir()] == ["quarantine.jsonl"]  # never reused
 
 
 def test_reused_data_under_a_stricter_budget_stops_with_exit_2(nasty_run, tmp_path):

@@ -95,8 +95,8 @@ def test_a_secret_named_in_cluster_env_is_not_submitted(head, tmp_path):
     out = cli("submit", str(spec), "--address", head["address"], token=head["token"])
     assert out.returncode != 0 and SECRET not in out.stdout + out.stderr
     assert (
-        "cluster.env.LLM_DIST_API_KEYS: a submitted job's environment is shown to everyone"
-        in out.stderr
+        "cluster.env.LLM_DIST_API_KEYS: on a shared cluster Ray shows a job's environment to "
+        "everyone who can list its jobs" in out.stderr
     )
     assert not (tmp_path / "runs").exists()
 

@@ -15,7 +15,7 @@ RUN_FOLDER_FILE = re.compile(
     r"/(pretrain|tune|trials|sweep|checkpoints|export|ledger|tensorboard|logs)\b"
 )
 # the bottom of the graph: what any stage may import, and what imports no stage
-BOTTOM = {"llm_dist", "llm_dist.base", "llm_dist.records", "llm_dist.storage", "llm_dist.compat", "llm_dist.redact",
+BOTTOM = {"llm_dist", "llm_dist.base", "llm_dist.records", "llm_dist.storage", "llm_dist.compat", "llm_dist.redact", "llm_dist.lock",
           "llm_dist.run_folder", "llm_dist.reuse", "llm_dist.data.config",
           "llm_dist.train.config", "llm_dist.tune.config", "llm_dist.serve.config",
           "llm_dist.tracking.config", "llm_dist.finetune.scores", "llm_dist.tracking",

@@ -92,7 +92,7 @@ def test_a_real_request_for_a_missing_feature_is_refused_by_name(fields, message
     ({"top_p": 0}, "top_p: Input should be greater than 0"),
     ({"max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1"),
     ({"max_completion_tokens": -1}, "max_completion_tokens: Input should be greater than or equal to 1"),
-    ({"stop": ["a", ""]}, "stop: at most 4 stop strings, none empty"),
+    ({"stop": ["a", ""]}, "stop: an empty stop string would stop at once; leave it out"),
     ({"messages": []}, "messages: List should have at least 1 item"),
 ])  # fmt: skip
 def test_every_range_is_checked_before_a_request_joins_a_batch(fields, message):
@@ -132,3 +132,32 @@ def test_api_keys_match_by_hash_with_any_case_of_bearer():
     assert not protocol.authorized("Bearer sk-two", hashes)
     assert not protocol.authorized("Basic sk-one", hashes) and not protocol.authorized("", hashes)
     assert protocol.authorized("", [])  # no keys: open
+
+
+LIMITS = {"max_request_bytes": 4096, "max_prompt_chars": 10, "max_messages": 2,
+          "max_stop_strings": 1, "max_field_chars": 3}  # fmt: skip
+
+
+@pytest.mark.parametrize(("fields", "over"), [
+    ({"messages": [{"role": "user", "content": "a"}] * 3},
+     (400, "messages", "3 messages; this server takes at most 2 (serve.max_messages)")),
+    ({"messages": [{"role": "user", "content": "abcdef"}] * 2},
+     (413, "messages", "the messages holds 12 characters; this server takes at most 10 (serve.max_prompt_chars)")),
+    ({"stop": ["a", "b"]}, (400, "stop", "2 stop strings; this server takes at most 1 (serve.max_stop_strings)")),
+    ({"stop": "abcd"}, (400, "stop", "stop (each) is longer than 3 characters, the most this server takes (serve.max_field_chars)")),
+    ({"user": "abcd"}, (400, "user", "user (each) is longer than 3 characters, the most this server takes (serve.max_field_chars)")),
+    ({"model": "abcd"}, (400, "model", "model (each) is longer than 3 characters, the most this server takes (serve.max_field_chars)")),
+    ({"messages": [{"role": "user", "content": "a", "name": "abcd"}]},
+     (400, "messages", "a message's name is longer than 3 characters, the most this server takes (serve.max_field_chars)")),
+    ({}, None), ({"stop": "abc", "user": "u"}, None),
+])  # fmt: skip
+def test_every_free_text_field_is_bounded_by_a_serve_limit_it_names(fields, over):
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]} | fields
+    request = protocol.parse(protocol.ChatRequest, json.dumps(body).encode())
+    assert protocol.over_limit(request, LIMITS) == over
+    prompt = protocol.parse(protocol.CompletionRequest, b'{"model": "m", "prompt": "12345678901"}')
+    assert protocol.over_limit(prompt, LIMITS) == (
+        413,
+        "prompt",
+        "the prompt holds 11 characters; this server takes at most 10 (serve.max_prompt_chars)",
+    )

@@ -223,7 +223,9 @@ def test_api_keys_are_required(server):
     ({"model": "served", "prompt": "x", "temperature": 5}, 422, "temperature: Input should be less than or equal to 2"),
     ({"model": "served", "prompt": "x", "n": 2}, 422, "n: not supported by this server (accepted only at its neutral value 1)"),
     ({"model": "served", "prompt": "x", "logprobs": 3}, 422, "logprobs: not supported by this server"),
-    ({"model": "served", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 422, "stop: at most 4 stop strings"),
+    ({"model": "served", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "5 stop strings; this server takes at most 4 (serve.max_stop_strings)"),
+    ({"model": "served", "prompt": "x" * 262_145}, 413, "the prompt holds 262,145 characters; this server takes at most 262,144"),
+    ({"model": "served", "prompt": "x", "user": "u" * 257}, 400, "user (each) is longer than 256 characters"),
     ({"model": "served"}, 422, "prompt: Field required"),
     ({"model": "served", "prompt": "x", "max_tokens": 0}, 422, "max_tokens: Input should be greater than or equal to 1"),
     (b'{"model": "served", "prompt": ', 422, "Invalid JSON"),
@@ -236,6 +238,32 @@ def test_bad_requests_get_clear_errors(server, body, status, message):
     assert got == status and message in answer["error"]["message"], answer
     # nothing was lost: the replica still answers
     assert client(server).completions.create(model="served", prompt="x", max_tokens=1).usage
+
+
+def test_a_4_mb_prompt_is_refused_while_a_stream_goes_on(server):
+    """A body over serve.max_request_bytes (1 MiB) is refused as it arrives, sent with a
+    Content-Length or chunked, while another request streams on to its whole answer."""
+    c = client(server)
+    whole = c.completions.create(model="served", prompt=PROMPTS[1], max_tokens=20, temperature=0)
+    body = json.dumps({"model": "served", "prompt": "x" * 4_000_000}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    url = f"{server['url']}/v1/completions"
+    stream = c.completions.create(model="served", prompt=PROMPTS[1], max_tokens=20,
+                                  temperature=0, stream=True)  # fmt: skip
+    chunks = [next(stream)]  # the stream is under way
+    for data in (body, (body[i : i + 65536] for i in range(0, len(body), 65536))):  # chunked
+        request = urllib.request.Request(url, data, headers, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 413
+        assert json.loads(refused.value.read())["error"]["message"] == (
+            "the request body is over 1,048,576 bytes, the most this server takes "
+            "(serve.max_request_bytes)"
+        )
+    chunks += list(stream)
+    assert "".join(ch.choices[0].text for ch in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert health(server)["status"] == "ok"
 
 
 def test_max_tokens_is_capped_by_the_spec(server):

@@ -206,6 +206,7 @@ def test_the_gpu_check_validates_every_spec_it_would_run(tmp_path):
     ("tracking.tracking_uri", "https://bob:s3cr3t@mlflow.internal"),
     ("tracking.tracking_uri", "https://mlflow.internal/api?access_token=s3cr3t"),
     ("tune.base_model", "gs://bucket/model?X-Goog-Signature=s3cr3t"),
+    ("serve.model", "s3://AKIA:s3cr3t@bucket/winner"),
 ])  # fmt: skip
 def test_a_credential_in_a_uri_is_refused_naming_the_field_not_the_secret(tmp_path, field, value):
     """pyarrow takes `s3://KEY:SECRET@bucket`, some tracking servers `?access_token=`: either
@@ -241,3 +242,27 @@ def test_cluster_env_values_are_redacted_in_every_record_of_the_spec(tmp_path, c
     out = capsys.readouterr().out
     assert "s3cr3t" not in out
     assert yaml.safe_load(out)["cluster"]["env"] == {"HF_HOME": REDACTED, "DB_URL": REDACTED}
+
+
+def test_a_cluster_env_value_set_on_the_command_line_is_redacted_where_the_line_is_written():
+    """The log's header and a run folder's lock name the command: `--set cluster.env.X=...`
+    values, a place a user may put a key for one run, are REDACTED there."""
+    from llm_dist.redact import REDACTED, command
+
+    argv = ["/x/llm-dist", "run", "job.yaml", "--set", "cluster.env.HF_TOKEN=hf_s3cr3t",
+            "--set=cluster.env.API_KEY=sk-s3cr3t", "--set", "name=team", "--verbose"]  # fmt: skip
+    assert command(argv) == (
+        f"llm-dist run job.yaml --set cluster.env.HF_TOKEN={REDACTED} "
+        f"--set=cluster.env.API_KEY={REDACTED} --set name=team --verbose"
+    )
+
+
+def test_a_secret_named_in_cluster_env_is_refused_where_a_shared_cluster_would_show_it():
+    """A submitted job's runtime_env and a driver's that joins `cluster.address` are both
+    shown by the dashboard: a name that says secret is refused; REDACTED values (a
+    submitted job's own spec, set by Ray already) and plain names pass."""
+    from llm_dist.redact import REDACTED, check_shared_env
+
+    check_shared_env({"HF_HOME": "/h", "NCCL_DEBUG": "INFO", "HF_TOKEN": REDACTED})
+    with pytest.raises(UserError, match=r"^cluster.env.HF_TOKEN: on a shared cluster Ray shows"):
+        check_shared_env({"HF_HOME": "/h", "HF_TOKEN": "hf_s3cr3t"})

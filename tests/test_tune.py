@@ -36,9 +36,12 @@ def test_asha_sweep_picks_the_best_finished_trial_and_beats_the_base(
                                   "method": {"grid": ["full", "lora"]}})  # fmt: skip
     spec.tune.task.metrics, spec.tune.task.max_new_tokens = ["rouge_l", "chrf"], 16
     spec.tracking.tracking_uri, spec.tracking.registered_model_name = mlflow_server, "docstrings"
+    spec.cluster.env = {"LLM_DIST_NOTE": "s3cr3t-0c41e9"}  # reaches every trial's workers
     run = tmp_path / "t"
     pipeline.run(spec)
     winner = json.loads((run / "winner.json").read_text())
+    # no record of the sweep holds it: Tune's own state (tune/sweep/), the trials, MLflow's
+    assert [f for f in run.rglob("*") if f.is_file() and b"s3cr3t-0c41e9" in f.read_bytes()] == []
 
     table, (base_row,) = results(run), results(run, base=True)
     assert len(table) == 4

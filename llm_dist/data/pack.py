@@ -73,16 +73,6 @@ def pack_batch(batch, tokenizer_json: str, eos_id: int, cfg, drop: frozenset = f
     })  # fmt: skip
 
 
-def clear_windows(root: str) -> None:
-    """Delete every split's shards under `root` (the tokenizer and quarantine stay)."""
-    from llm_dist.run_folder import PreparedFolder
-    from llm_dist.storage import filesystem
-
-    filesys, path = filesystem(root)
-    for split in SPLITS:
-        filesys.delete_dir_contents(PreparedFolder(path).split(split), missing_dir_ok=True)
-
-
 def write(packed, cfg, root: str) -> dict:
     """Consume pack_batch's rows: Parquet shards per split, the quarantine, and the counts."""
     import pyarrow as pa
@@ -93,7 +83,6 @@ def write(packed, cfg, root: str) -> dict:
     from llm_dist.storage import filesystem
 
     width = cfg.seq_len + 1
-    clear_windows(root)  # a crashed earlier attempt may have left shards behind
     filesys, path = filesystem(root)
     folder = PreparedFolder(path)
     filesys.create_dir(path, recursive=True)

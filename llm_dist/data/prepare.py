@@ -4,7 +4,9 @@ Ray Data reads, parses, cleans, tokenizes and packs in parallel, in one pass (pl
 look at every document when a tokenizer is trained or duplicates are dropped); the driver
 numbers the windows and writes them (see `pack`). The result lives in
 `<storage_path>/prepared/<fingerprint>/` and is committed by writing `prepared.json` last, so a
-later run with the same fingerprint reuses it and a crashed one is simply redone.
+later run with the same fingerprint reuses it and a crashed one is simply redone. It is
+written in a folder of its own beside that place and moved into it whole
+(`PreparedFolder.preparing`), so two runs preparing the same data at once do not mix.
 """
 
 import hashlib
@@ -72,45 +74,42 @@ def prepare(spec) -> DataResult:
 
     connect(spec)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # deterministic
-    start = time.perf_counter()
-    records = read_corpus([f[0] for f in files], cfg)
-    drop: frozenset = frozenset()
-    if cfg.dedup or not cfg.tokenizer.path:  # these need a look at every document first
-        records = records.materialize()
-        hashes, keys = _index(records)
-        drop = _duplicates(hashes, keys) if cfg.dedup else drop
-    if cfg.tokenizer.path:
-        from llm_dist.data.tokenizer import load
+    with folder.preparing() as work:  # moved into place whole once committed
+        start = time.perf_counter()
+        records = read_corpus([f[0] for f in files], cfg)
+        drop: frozenset = frozenset()
+        if cfg.dedup or not cfg.tokenizer.path:  # these need a look at every document first
+            records = records.materialize()
+            hashes, keys = _index(records)
+            drop = _duplicates(hashes, keys) if cfg.dedup else drop
+        if cfg.tokenizer.path:
+            from llm_dist.data.tokenizer import load
 
-        tokenizer = load(cfg.tokenizer.path)
-    else:
-        tokenizer = _train_tokenizer(cfg, records, hashes, keys, drop)
-    save_into(tokenizer.save_pretrained, folder.tokenizer)
-    packed = records.map_batches(
-        pack.pack_batch,
-        fn_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
-                   "eos_id": tokenizer.eos_token_id, "cfg": cfg, "drop": drop},
-        batch_format="pyarrow", batch_size=1024,
-    )  # fmt: skip
-    written = pack.write(packed, cfg, folder.uri)
-    reasons = written.pop("reasons")
-    documents = sum(written["docs"].values())
-    seconds = time.perf_counter() - start
-    result = DataResult(
-        prepared=folder.uri, fingerprint=key, files=len(files),
-        records=documents + sum(reasons.values()), documents=documents,
-        bad={r: reasons[r] for r in corpus.BAD if r in reasons},
-        dropped={r: reasons[r] for r in corpus.DROPPED if r in reasons},
-        quarantine=folder.quarantine, tokenizer=folder.tokenizer, vocab_size=len(tokenizer),
-        seq_len=cfg.seq_len, **written, seconds=round(seconds, 2),
-        tokens_per_s=round(sum(written["tokens"].values()) / seconds),
-    )  # fmt: skip
-    try:
-        _check_budget(result, cfg.max_bad_fraction)
-    except UserError:
-        pack.clear_windows(folder.uri)  # keep the quarantine, drop the windows: nothing half-made
-        raise
-    folder.commit(result)  # the commit: only now is it reusable
+            tokenizer = load(cfg.tokenizer.path)
+        else:
+            tokenizer = _train_tokenizer(cfg, records, hashes, keys, drop)
+        save_into(tokenizer.save_pretrained, work.tokenizer)
+        packed = records.map_batches(
+            pack.pack_batch,
+            fn_kwargs={"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
+                       "eos_id": tokenizer.eos_token_id, "cfg": cfg, "drop": drop},
+            batch_format="pyarrow", batch_size=1024,
+        )  # fmt: skip
+        written = pack.write(packed, cfg, work.uri)
+        reasons = written.pop("reasons")
+        documents = sum(written["docs"].values())
+        seconds = time.perf_counter() - start
+        result = DataResult(
+            prepared=folder.uri, fingerprint=key, files=len(files),
+            records=documents + sum(reasons.values()), documents=documents,
+            bad={r: reasons[r] for r in corpus.BAD if r in reasons},
+            dropped={r: reasons[r] for r in corpus.DROPPED if r in reasons},
+            quarantine=folder.quarantine, tokenizer=folder.tokenizer, vocab_size=len(tokenizer),
+            seq_len=cfg.seq_len, **written, seconds=round(seconds, 2),
+            tokens_per_s=round(sum(written["tokens"].values()) / seconds),
+        )  # fmt: skip
+        _check_budget(result, cfg.max_bad_fraction)  # refused: the quarantine stays, nothing else
+        work.commit(result)  # the commit: only now is it reusable
     return result
 
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -56,6 +57,9 @@ class LLMServer:
         self.name, self.key_hashes, self.limits = name, key_hashes, limits
         self.engine = Engine(self.model, self.tokenizer, limits["max_batch_size"],
                              limits["max_batch_total_tokens"])  # fmt: skip
+        # prompts are tokenized off the event loop, one at a time: a fast tokenizer's settings
+        # (split_special_tokens) are set per call, and two calls at once could race on them
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     async def _decode(self, job: Job):
         """The Events of `job` as the engine's thread produces them, the last with its end."""
@@ -93,28 +97,55 @@ class LLMServer:
     def _authorized(self, request: Request) -> bool:
         return protocol.authorized(request.headers.get("authorization", ""), self.key_hashes)
 
+    async def _body(self, request: Request) -> bytes | None:
+        """The request body, or None once it is over serve.max_request_bytes: counted as it
+        arrives (a Content-Length over it is refused before a byte is read)."""
+        most = self.limits["max_request_bytes"]
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > most:
+            return None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > most:
+                return None
+        return bytes(body)
+
+    def _prompt_ids(self, req, chat: bool) -> list[int]:
+        """The prompt's token ids; run on `tokenizing`, off the event loop that streams others.
+        Raises ValueError when the chat template refuses the conversation."""
+        if not chat:  # a quoted special token is text: only the template adds control tokens
+            return self.tokenizer.encode(req.prompt, split_special_tokens=True)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:  # rendered as fine-tuning renders it
+            return prompt_ids(self.tokenizer, messages)
+        except Exception as e:  # the template refused the conversation (raise_exception)
+            raise ValueError(f"the model's chat template refused the messages: {e}") from None
+
     async def _answer(self, request: Request, chat: bool):
         if not self._authorized(request):  # before the body is read: no key, no parsing
             return _error(401, "a valid API key is required", "authentication_error")
+        body = await self._body(request)
+        if body is None:
+            return _error(413, f"the request body is over {self.limits['max_request_bytes']:,} "
+                          "bytes, the most this server takes (serve.max_request_bytes)")  # fmt: skip
         try:
             kind = protocol.ChatRequest if chat else protocol.CompletionRequest
-            req = protocol.parse(kind, await request.body())
+            req = protocol.parse(kind, body)
         except ValueError as e:
             return _error(422, str(e))
+        if (over := protocol.over_limit(req, self.limits)) is not None:
+            return _error(over[0], over[2], param=over[1])
         if req.model != self.name:
             return _error(404, f"model {req.model!r} is not served here; this server serves "
                           f"{self.name!r} (GET /v1/models)", param="model")  # fmt: skip
-        if chat:
-            if not self.tokenizer.chat_template:
-                return _error(400, "this model has no chat template; use /v1/completions")
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            try:  # rendered as fine-tuning renders it
-                ids = prompt_ids(self.tokenizer, messages)
-            except Exception as e:  # the template refused the conversation (raise_exception)
-                return _error(400, f"the model's chat template refused the messages: {e}",
-                              param="messages")  # fmt: skip
-        else:  # a quoted special token is text here too: only the template adds control tokens
-            ids = self.tokenizer.encode(req.prompt, split_special_tokens=True)
+        if chat and not self.tokenizer.chat_template:
+            return _error(400, "this model has no chat template; use /v1/completions")
+        try:
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(self.tokenizing, self._prompt_ids, req, chat)
+        except ValueError as e:
+            return _error(400, str(e), param="messages")
         room = min(self.limits["max_prompt_tokens"], self.context - 1)
         if len(ids) > room:
             return _error(413, f"the prompt is {len(ids)} tokens; this server takes at most {room}",

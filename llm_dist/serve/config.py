@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llm_dist.base import Section
+from llm_dist.base import Place, Section
 
 
 class AutoscalingConfig(Section):
@@ -37,7 +37,7 @@ class AutoscalingConfig(Section):
 class ServeConfig(Section):
     """What is served, where it listens, and how it batches, scales and guards itself."""
 
-    model: str | None = None
+    model: Place | None = None
     """A HF model folder (local or s3://); empty: the run's tune winner, else its pretrain export."""
     engine: Literal["transformers", "vllm"] = "transformers"
     """transformers works everywhere (CPU included); vllm (Ray Serve LLM) needs GPUs."""
@@ -69,6 +69,16 @@ class ServeConfig(Section):
     """Cap on a request's max_tokens, and its value when the request names none."""
     max_prompt_tokens: int = Field(1024, ge=1)
     """Longer prompts are refused with 413."""
+    max_request_bytes: int = Field(1_048_576, ge=1024)
+    """Largest request body, in bytes, counted as it arrives: a larger one is refused with 413 before the rest is read. transformers engine (as are the limits below)."""
+    max_prompt_chars: int = Field(262_144, ge=1)
+    """Most characters in a prompt, or in a chat's message contents together, refused with 413 before it is tokenized."""
+    max_messages: int = Field(256, ge=1)
+    """Most messages in a chat request (400 above)."""
+    max_stop_strings: int = Field(4, ge=0)
+    """Most stop strings in a request (400 above; OpenAI's API takes 4)."""
+    max_field_chars: int = Field(256, ge=1)
+    """Most characters in each stop string, in `user`, in `model` and in a message's `name` (400 above)."""
     api_keys_env: str | None = None
     """Environment variable holding comma-separated API keys; when set, requests need one."""
     api_keys_file: str | None = None

@@ -60,8 +60,8 @@ class _Request(_Strict):
     @classmethod
     def _stops(cls, v):
         stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > 4 or not all(stops):
-            raise ValueError("at most 4 stop strings, none empty")
+        if not all(stops):
+            raise ValueError("an empty stop string would stop at once; leave it out")
         return stops
 
 
@@ -116,6 +116,39 @@ def parse(kind: type[_Request], body: bytes) -> _Request:
                     if neutral is not None else "")  # fmt: skip
             problems.append(f"{where}: {message}")
         raise ValueError("; ".join(problems)) from None
+
+
+# serve's limits on what a request holds, checked before it costs anything (`over_limit`)
+LIMITS = ("max_request_bytes", "max_prompt_chars", "max_messages", "max_stop_strings",
+          "max_field_chars")  # fmt: skip
+
+
+def over_limit(req: _Request, limits: dict) -> tuple[int, str, str] | None:
+    """The first field of `req` over one of serve's `LIMITS`: (HTTP status, the field, a
+    message naming the limit); None when all are within them. Character counts only, so this
+    costs nothing next to tokenizing: it is what keeps a huge prompt from being tokenized."""
+    chat = isinstance(req, ChatRequest)
+    if chat and len(req.messages) > limits["max_messages"]:
+        return 400, "messages", (f"{len(req.messages)} messages; this server takes at most "
+                                 f"{limits['max_messages']} (serve.max_messages)")  # fmt: skip
+    chars = sum(len(m.content) for m in req.messages) if chat else len(req.prompt)
+    if chars > limits["max_prompt_chars"]:
+        field = "messages" if chat else "prompt"
+        return 413, field, (f"the {field} holds {chars:,} characters; this server takes at most "
+                            f"{limits['max_prompt_chars']:,} (serve.max_prompt_chars)")  # fmt: skip
+    stops = req.stop or []
+    if len(stops) > limits["max_stop_strings"]:
+        return 400, "stop", (f"{len(stops)} stop strings; this server takes at most "
+                             f"{limits['max_stop_strings']} (serve.max_stop_strings)")  # fmt: skip
+    most = limits["max_field_chars"]
+    texts = {"model": [req.model], "user": [req.user or ""], "stop": stops,
+             "messages": [m.name or "" for m in req.messages] if chat else []}  # fmt: skip
+    for field, values in texts.items():
+        if any(len(v) > most for v in values):
+            what = "a message's name" if field == "messages" else f"{field} (each)"
+            return 400, field, (f"{what} is longer than {most} characters, the most this "
+                                "server takes (serve.max_field_chars)")  # fmt: skip
+    return None
 
 
 def _same(value, neutral) -> bool:

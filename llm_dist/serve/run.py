@@ -222,11 +222,12 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _transformers_app(spec, folder: str, hashes: list[str], gpus: float):
+    from llm_dist.serve import protocol
     from llm_dist.serve.app import LLMServer
 
     s = spec.serve
     limits = s.model_dump(include={"max_tokens", "max_prompt_tokens", "max_batch_size",
-                                   "max_batch_total_tokens"})  # fmt: skip
+                                   "max_batch_total_tokens", *protocol.LIMITS})  # fmt: skip
     return LLMServer.options(
         ray_actor_options={"num_cpus": s.cpus_per_replica, "num_gpus": gpus},
         max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,

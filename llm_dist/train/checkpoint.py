@@ -32,14 +32,15 @@ log = logging.getLogger("llm_dist.checkpoint")
 
 
 def save(engine, state, root: str, metrics: dict, origin: dict | None = None,
-         before_report=None) -> str:  # fmt: skip
+         before_report=None, before_commit=None) -> str:  # fmt: skip
     """Every rank: write its shard, report it to Ray Train, then rank 0 commits the manifest.
 
     `state` is the loop's `TrainState` (its progress goes into the manifest, its ledger into
     the rank's file with the RNG states); `origin` what the run is made from (`records.Origin` as JSON), which
     a later run must match to resume from it; `before_report`, called on every rank once its shard is written,
     does the work that must be done before the report (a Tune scheduler may stop the run at
-    it). Returns the checkpoint's folder.
+    it); `before_commit`, called on rank 0 just before it commits, is a test's fault
+    (`train.faults`). Returns the checkpoint's folder.
     """
     import ray.train
     import torch.distributed as dist
@@ -63,11 +64,19 @@ def save(engine, state, root: str, metrics: dict, origin: dict | None = None,
     dist.all_gather_object(everyone, files)  # also a barrier: every rank's upload is done
     folder = f"{root}/{dir_name[0]}"
     if rank == 0:
+        if before_commit is not None:
+            before_commit()
         merged = {k: v for per_rank in everyone for k, v in per_rank.items()}
         write_json(checkpoint_manifest(folder),
                    {**state.progress(), "world_size": world, "files": merged, "origin": origin})  # fmt: skip
     dist.barrier()
     return folder
+
+
+def on_disk(p) -> int:
+    """Ray Train's num_to_keep for `keep_checkpoints` (pretraining's or a trial's): one more,
+    since Ray Train deletes the oldest as it registers a new one, before it is committed."""
+    return p.keep_checkpoints + 1
 
 
 def committed(root: str) -> list[tuple[str, dict]]:

@@ -162,3 +162,4 @@ class LoopConfig:
     origin: Any = None  # pretraining's `records.Origin`: into its checkpoints and result
     launched: float | None = None  # time.time() when the trainer was made: the start's clock
     exploit: Any = None  # a PBT trial's `records.Exploit`: the donor checkpoint it starts from
+    kill_at_commit: int | None = None  # an injected kill in a checkpoint's commit window (tests)

@@ -110,8 +110,10 @@ def train_loop(config: dict) -> None:
                     scores = w.validate()
                     w.write(step, "eval", {**scores, "val_ppl": math.exp(scores["val_loss"])})
                 if step % p.checkpoint_every == 0 and step < p.max_steps:  # the last: finish
+                    fault = _kill_in_window(w, step, fresh=first == 1)
                     folder = checkpoint.save(w.engine, state, w.out.checkpoints,
-                                             evaluation.reported(state, scores), _origin(w))  # fmt: skip
+                                             evaluation.reported(state, scores), _origin(w),
+                                             before_commit=fault)  # fmt: skip
                     w.note({"event": "checkpoint", "step": step, "checkpoint": folder})
                     w.logs and w.logs.publish()
             if step == p.max_steps:
@@ -360,6 +362,16 @@ def finish(w: Worker, scores: dict) -> None:
     w.note({"event": "checkpoint", "step": state.step, "checkpoint": folder})
     if w.logs is not None:
         w.logs.close()
+
+
+def _kill_in_window(w: Worker, step: int, fresh: bool):
+    """The injected kill of a test (`train.faults`) where it asks for this step, else None."""
+    if w.c.kill_at_commit != step or not fresh:
+        return None
+    from llm_dist.train.checkpoint import on_disk
+    from llm_dist.train.faults import kill_in_commit_window
+
+    return lambda: kill_in_commit_window(w.out.checkpoints, on_disk(w.p))
 
 
 def _origin(w: Worker) -> dict | None:

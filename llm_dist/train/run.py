@@ -101,14 +101,16 @@ def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, cal
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from llm_dist.cluster import worker_resources
+    from llm_dist.train.checkpoint import on_disk
     from llm_dist.train.config import LoopConfig
-    from llm_dist.train.faults import injected_nans
+    from llm_dist.train.faults import injected_kill, injected_nans
     from llm_dist.train.loop import train_loop
 
     p, resources = spec.pretrain, worker_resources(spec)
     gpu = "GPU" in resources  # worker_resources asks for GPUs exactly when they are used
     config = LoopConfig(spec, out, prepared, queue, finetuning, injected_nans(), origin,
-                        launched=time.time(), exploit=exploit)  # fmt: skip
+                        launched=time.time(), exploit=exploit,
+                        kill_at_commit=injected_kill())  # fmt: skip
     return TorchTrainer(
         train_loop,
         train_loop_config={"loop": config},  # Ray Train hands the workers a dict
@@ -124,7 +126,7 @@ def make_trainer(spec, out: str, prepared: str, queue=None, finetuning=None, cal
             # Ray Train deletes the oldest checkpoint when it registers a new one, before rank
             # 0 commits the new one's manifest: one more than kept, so that at every moment
             # keep_checkpoints whole ones exist (a worker lost in that window resumes from one)
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=p.keep_checkpoints + 1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=on_disk(p)),
         ),
     )  # fmt: skip
 

@@ -48,7 +48,7 @@ def prepare_task(spec, base: str) -> TaskData:
     """
     from llm_dist.data.read import read_corpus
     from llm_dist.data.tokenizer import load
-    from llm_dist.finetune.formats import Unusable, answer_ids, encode, fields
+    from llm_dist.finetune.formats import Unusable, encode, fields
     from llm_dist.storage import local_folder
 
     t, base = spec.tune.task, local_folder(base)
@@ -99,22 +99,37 @@ def prepare_task(spec, base: str) -> TaskData:
 
     connect(spec)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # stable ids
-    save_into(tokenizer.save_pretrained, folder.tokenizer)  # what the Ray Data tasks load
-    records = read_corpus([f[0] for f in files], spec.data, fields(t))
-    windows = records.map_batches(
-        _encode, batch_format="pyarrow", batch_size=256,
-        fn_kwargs={"tokenizer": folder.tokenizer, "t": t, "width": spec.data.seq_len + 1,
-                   "seed": spec.data.seed},
-    )  # fmt: skip
-    stats = _write(windows, spec.data.seq_len + 1, folder)
+    with folder.preparing() as work:  # moved into place whole once committed
+        save_into(tokenizer.save_pretrained, work.tokenizer)  # what the Ray Data tasks load
+        records = read_corpus([f[0] for f in files], spec.data, fields(t))
+        windows = records.map_batches(
+            _encode, batch_format="pyarrow", batch_size=256,
+            fn_kwargs={"tokenizer": work.tokenizer, "t": t, "width": spec.data.seq_len + 1,
+                       "seed": spec.data.seed},
+        )  # fmt: skip
+        stats = _write(windows, spec.data.seq_len + 1, work)
+        stats = _checked(stats, t, tokenizer, folder.quarantine)
+        result = TaskData(prepared=folder.uri, format=t.format, tokenizer=folder.tokenizer,
+                          seq_len=spec.data.seq_len, quarantine=folder.quarantine,
+                          **stats)  # fmt: skip
+        work.commit(result)
+    return result
+
+
+def _checked(stats: dict, t, tokenizer, quarantine: str) -> dict:
+    """`_write`'s counts, checked against tune.task.max_bad_fraction, with a classify task's
+    label set and answer tokens; a UserError naming the fix when the records are refused."""
+    from llm_dist.finetune.formats import answer_ids
+
     n, unusable = stats["records"], stats["unusable"]
-    bad = sum(v for k, v in unusable.items() if k != "too_long")  # too long: data.seq_len's doing
+    # too long is data.seq_len's doing, not the records'
+    bad = sum(v for k, v in unusable.items() if k != "too_long")
     counts = ", ".join(f"{k} {v:,}" for k, v in sorted(unusable.items())) or "none"
     if not stats["sequences"]["train"] or bad > t.max_bad_fraction * n:
         raise UserError(
             f"tune.task: {bad:,} of {n:,} records are unusable ({counts}; "
             f"tune.task.max_bad_fraction is {t.max_bad_fraction}, too_long not counted), listed "
-            f"with file, line and reason in {folder.quarantine}: fix those records, check "
+            f"with file, line and reason in {quarantine}: fix those records, check "
             f"the tune.task *_field names of format {t.format}, raise data.seq_len if records "
             "are too long, or raise tune.task.max_bad_fraction"
         )
@@ -131,10 +146,7 @@ def prepare_task(spec, base: str) -> TaskData:
                                 f"{labels[i]!r} render as the same answer tokens (the chat "
                                 "template trims them?); make them differ")  # fmt: skip
         stats |= {"labels": labels, "label_ids": label_ids}
-    result = TaskData(prepared=folder.uri, format=t.format, tokenizer=folder.tokenizer,
-                      seq_len=spec.data.seq_len, quarantine=folder.quarantine, **stats)  # fmt: skip
-    folder.commit(result)
-    return result
+    return stats
 
 
 def _encode(batch, tokenizer: str, t, width: int, seed: int):
