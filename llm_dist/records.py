@@ -94,6 +94,7 @@ class TaskData(Record):
     unusable: dict[str, int]  # records left out, by reason (too_long is not counted as bad)
     labels: list[str] | None = None  # classify: the label set
     label_ids: list[list[int]] | None = None  # classify: each label's answer tokens
+    packed_records: int | None = None  # packed: the train records in the sequences.train rows
     reused: bool = False
 
 
@@ -208,6 +209,22 @@ class TaskCounts(Record):
     records: int
     sequences: Splits
     unusable: dict[str, int]
+    packed_records: int | None = None  # packed: the train records in the sequences.train rows
+
+    def line(self) -> str:
+        """`N of M records prepared (train ..., val ..., test ...)`, and how train was packed."""
+        s = self.sequences
+        kept = (
+            (s["train"] if self.packed_records is None else self.packed_records)
+            + s["val"]
+            + s["test"]
+        )
+        text = f"{kept:,} of {self.records:,} records prepared (" + ", ".join(
+            f"{k} {v:,}" for k, v in s.items()
+        )
+        if self.packed_records is not None:
+            text += f"; train packed: {self.packed_records:,} records in {s['train']:,} windows"
+        return text + ")"
 
 
 class PretrainLineage(Record):

@@ -178,9 +178,8 @@ def _tune(folder: RunFolder, manifest: Manifest, winner: Winner | None) -> str:
     text += "</p>" + ("" if table else _missing("no results table: the sweep runs or failed"))
     if winner is not None:  # records left out of the task data, by reason
         counts = winner.task_data
-        split = ", ".join(f"{s} {_fmt(n)}" for s, n in counts.sequences.items())
         left = ", ".join(f"{r} {_fmt(n)}" for r, n in counts.unusable.items())
-        line = f"Task data: {_fmt(counts.records)} records; sequences {split}; left out: {left or 'none'}."  # fmt: skip
+        line = f"Task data: {counts.line()}; left out: {left or 'none'}."
         text += f"<p>{html.escape(line)}</p>"
     fig = _figure(height=4)
     ax = fig.subplots()

@@ -48,3 +48,25 @@ def save(arch: str, folder: Path, tok=None) -> str:
     build(arch, tok).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+def windowed(arch: str, tok):
+    """A tiny model of `arch`; "-window-8": its sliding window cut to 8 (gemma2: every other
+    layer slides, the others attend to everything)."""
+    import torch
+    import transformers
+
+    name = arch.removesuffix("-window-8")
+    if name == "gemma2":
+        torch.manual_seed(0)
+        config = transformers.Gemma2Config(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, intermediate_size=64, max_position_embeddings=128, vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, sliding_window=8)  # fmt: skip
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = build(name, tok).eval()
+    if arch.endswith("-window-8"):
+        model.config.sliding_window = 8
+        model = type(model)(model.config).eval()
+    return model

@@ -77,7 +77,9 @@ def test_a_classification_sweep_decides_on_val_accuracy(ray_session, tmp_path, l
     done = json.loads(Path(prepared, "prepared.json").read_text())
     assert done["labels"] == ["file", "text"] and all(done["label_ids"])
     assert done["unusable"] == {"unknown_label": 3}  # per record: nothing else was lost
-    assert winner["task_data"] == {k: done[k] for k in ("records", "sequences", "unusable")}
+    assert winner["task_data"] == {k: done[k] for k in ("records", "sequences", "unusable",
+                                                        "packed_records")}  # fmt: skip
+    assert done["packed_records"] > done["sequences"]["train"]  # Llama: packed by default
     quarantined = Path(prepared, "quarantine.jsonl").read_text().splitlines()
     heads = [json.loads(x)["head"].split(" is not")[0] for x in quarantined]
     assert heads[0] == "label: 'other'" and heads[1] in ("label: 'FILE'", "label: 'TEXT'")

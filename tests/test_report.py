@@ -106,8 +106,8 @@ def test_report_of_a_full_run(tmp_path):
     stopped = re.search(r"<tr><td>t_00001</td>.*?</tr>", page)
     assert stopped and "<td>stopped early</td>" in stopped.group()
     assert "Winner: trial t_00000" in page
-    assert ("Task data: 4,659 records; sequences train 4,098, val 271, test 256; left out: "
-            "too_long 34.") in page  # fmt: skip
+    assert ("Task data: 4,625 of 4,659 records prepared (train 4,098, val 271, test 256); "
+            "left out: too_long 34.") in page  # fmt: skip
     assert "<td>bad</td><td>bad_utf8</td><td>3</td>" in page
     assert "<td>dropped</td><td>duplicate</td><td>7</td>" in page
     assert "<td>empty</td>" not in page  # a zero count is no reason

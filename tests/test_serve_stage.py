@@ -308,6 +308,7 @@ def test_a_port_a_stopped_server_left_in_time_wait_is_free():
     _check_port("127.0.0.1", port)  # no UserError
 
 
+@pytest.mark.slow  # 8 s: a CLI process's imports, to see what its user sees
 def test_a_taken_port_is_refused_before_ray_starts(tmp_path, tiny_base):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -133,18 +133,23 @@ def test_task_records_are_read_one_by_one_and_quoted_tokens_stay_text(ray_sessio
     spec = spec_for(tmp_path, str(path), base, search_space={"lr": {"choice": [1e-3]}})
     task = prepare_task(spec, base).model_dump(mode="json")
 
-    assert task["records"] == 61 and sum(task["sequences"].values()) == 58
+    s = task["sequences"]
+    assert task["records"] == 61 and task["packed_records"] + s["val"] + s["test"] == 58
+    assert s["train"] < task["packed_records"]  # a Llama base: packed by default
     assert task["unusable"] == {"not_a_string": 1, "missing_field": 1, "too_long": 1}
     quarantined = [json.loads(x) for x in Path(task["quarantine"]).read_text().splitlines()]
     assert [(q["source"], q["line"], q["reason"]) for q in quarantined] == [
         (str(path), 13, "not_a_string"), (str(path), 26, "missing_field"),
         (str(path), 61, "too_long")]  # fmt: skip
-    # one EOS per window, the one the template closes the answer with: the mask's last token
+    # one EOS per record, the one the template closes the answer with: the answer's last token
     tok = AutoTokenizer.from_pretrained(task["tokenizer"], local_files_only=True)
-    table = pq.read_table(Path(task["prepared"]) / "train")
+    table, eos = pq.read_table(Path(task["prepared"]) / "train"), 0
     for tokens, mask in zip(table["tokens"].to_pylist(), table["mask"].to_pylist(), strict=True):
-        tokens, answer = np.array(tokens), np.flatnonzero(mask)
-        assert (tokens == tok.eos_token_id).sum() == 1 and tokens[answer[-1]] == tok.eos_token_id
+        tokens, mask = np.array(tokens), np.array(mask, bool)
+        ends = np.flatnonzero(mask & ~np.r_[mask[1:], False])  # where each answer ends
+        assert (np.flatnonzero(tokens == tok.eos_token_id) == ends).all()
+        eos += len(ends)
+    assert eos == task["packed_records"]
     quoted = tok.encode("<|endoftext|>", split_special_tokens=True)
     assert len(quoted) > 1 and tok.eos_token_id not in quoted
 
@@ -199,6 +204,8 @@ def test_gpt2_chat_data_lora_and_freeze_under_zero3(ray_session, tmp_path):
     winner = run_stage(spec, str(tmp_path / "t")).model_dump(mode="json")
 
     assert winner["trials"] == {"finished": 2, "stopped early": 0, "failed": 0}
+    done = json.loads(Path(winner["lineage"]["task_prepared"], "prepared.json").read_text())
+    assert done["packed_records"] > done["sequences"]["train"]  # packed: ZeRO-3, 2 workers
     assert 0 <= winner["test"]["chrf"]["winner"] <= 1
     assert len(winner["samples"]) == 3 and all(s["prompt"] for s in winner["samples"])
     before = load_file(Path(base) / "model.safetensors")

@@ -86,7 +86,8 @@ class Windows:
     split, within one row of each other. Iterated like Ray Data's shard (`iter_torch_batches`)."""
 
     def __init__(self, columns: dict[str, np.ndarray]):
-        self.columns = columns  # id (n,), tokens (n, T+1), mask (n, T+1) when the split has one
+        # id (n,), tokens (n, T+1), and mask and position (n, T+1) when the split has them
+        self.columns = columns
 
     @classmethod
     def read(cls, prepared: str, split: str, rank: int, world: int, seed: int, exclude_ids=()):
@@ -96,7 +97,7 @@ class Windows:
         order = np.random.default_rng(seed).permutation(int(keep.sum()))[rank::world]
         width = table.schema.field("tokens").type.list_size
         columns = {"id": ids[keep][order]}
-        for name, dtype in (("tokens", np.int64), ("mask", np.int8)):
+        for name, dtype in (("tokens", np.int64), ("mask", np.int8), ("position", np.int64)):
             if name in table.column_names:
                 flat = table[name].combine_chunks().flatten().to_numpy()
                 columns[name] = flat.reshape(-1, width)[keep][order].astype(dtype)
@@ -142,7 +143,7 @@ def head_batches(prepared: str, split: str, rows: int, batch_size: int, rank: in
     keep = len(table) // world * world
     ids = table["id"].to_numpy()[:keep][rank::world]
     width = table.schema.field("tokens").type.list_size
-    columns = {"tokens": np.int64, "mask": np.int8}
+    columns = {"tokens": np.int64, "mask": np.int8, "position": np.int64}
     mine = {
         name: table[name].combine_chunks().flatten().to_numpy()[: keep * width]
         .reshape(keep, width)[rank::world].astype(dtype)
@@ -156,8 +157,8 @@ def head_batches(prepared: str, split: str, rows: int, batch_size: int, rank: in
 
 
 def synced_batches(batches, T: int, device):
-    """Batches until every rank is out, each a dict: `tokens` (b, T+1), `mask` (b, T+1) or None,
-    `ids` (b,), `targets` (this rank's target tokens), `rows_all` and `targets_all` (across
+    """Batches until every rank is out, each a dict: `tokens` (b, T+1), `mask` and `position`
+    (b, T+1; packed rows, `finetune.packing`) or None, `ids` (b,), `targets` (this rank's target tokens), `rows_all` and `targets_all` (across
     ranks), `wait` (seconds spent waiting for data).
 
     A rank with no batch left gets one weightless row (no ids) so it still joins the step.
@@ -173,20 +174,17 @@ def synced_batches(batches, T: int, device):
         batch = next(it, None)
         wait = time.perf_counter() - start
         if batch is None:
-            tokens, mask, ids = torch.zeros(1, T + 1, dtype=torch.long), None, np.zeros(0, np.int64)
-        else:
-            tokens, mask, ids = (
-                batch["tokens"],
-                batch.get("mask"),
-                np.asarray(batch["id"], np.int64),
-            )
+            batch = {"tokens": torch.zeros(1, T + 1, dtype=torch.long), "id": []}
+        tokens, mask, position = batch["tokens"], batch.get("mask"), batch.get("position")
+        ids = np.asarray(batch["id"], np.int64)
         targets = len(ids) * T if mask is None else int(mask[:, 1:].sum()) * (len(ids) > 0)
         counts = torch.tensor([len(ids), targets], device=device)
         dist.all_reduce(counts)
         if counts[0].item() == 0:
             return
         yield {"tokens": tokens.to(device, torch.long),
-               "mask": None if mask is None else mask.to(device), "ids": ids,
+               "mask": None if mask is None else mask.to(device),
+               "position": None if position is None else position.to(device, torch.long), "ids": ids,
                "targets": targets, "rows_all": int(counts[0]), "targets_all": int(counts[1]),
                "wait": wait}  # fmt: skip
 

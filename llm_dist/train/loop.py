@@ -232,7 +232,7 @@ def train_step(w: Worker, b: dict, meter: "Meter") -> bool:
     state = w.state
     step, ids, T = state.step + 1, b["ids"], w.c.spec.data.seq_len
     boundary = w.engine.is_gradient_accumulation_boundary()
-    loss_sum = w.loss(w.engine, b["tokens"], b["mask"]) * (len(ids) > 0)
+    loss_sum = w.loss(w.engine, b["tokens"], b["mask"], position=b["position"]) * (len(ids) > 0)
     state.took(step, ids)
     bad = torch.tensor([0.0 if torch.isfinite(loss_sum) else 1.0], device=w.device)
     dist.all_reduce(bad)  # every rank skips together

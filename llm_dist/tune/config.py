@@ -62,6 +62,8 @@ class TaskConfig(Section):
     """Fraction of records held out for the winner's unbiased test figure."""
     group_field: str | None = None
     """Records that share this field's value share a split (e.g. the document they came from); empty splits record by record."""
+    packing: bool | None = None
+    """Pack several training records into each window of data.seq_len + 1 tokens, each attending only to itself (position ids restart per record; transformers' masking utilities keep records apart), so a step trains on records rather than padding; validation and test stay one record per window. Empty: on for chat formats where the base model's architecture builds its mask with transformers' masking utilities (Llama, Qwen2, Mistral, Gemma, Phi-3, GPT-2, GPT-NeoX and most others), off for format text, whose windows are already full. true refuses an architecture that cannot keep packed records apart."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -89,6 +91,9 @@ class TaskConfig(Section):
             raise ValueError(
                 f"tune.task.labels: {self.labels} needs two or more distinct, non-blank labels"
             )
+        if self.packing and self.format == "text":
+            raise ValueError("tune.task.packing: format text windows are already full "
+                             "(documents run on across them); leave packing out")  # fmt: skip
         if self.labels is not None and self.format != "classify":
             raise ValueError("tune.task.labels: only format classify has labels; remove it")
         return self

@@ -17,7 +17,7 @@ from ray import tune  # this module is imported only when the tune stage runs
 
 from llm_dist.base import UserError
 from llm_dist.console import console, status
-from llm_dist.records import TrainResult, Winner
+from llm_dist.records import TaskCounts, TrainResult, Winner
 from llm_dist.run_folder import RunFolder
 from llm_dist.tune.config import TUNABLE
 from llm_dist.tune.display import SweepDisplay
@@ -54,9 +54,7 @@ def run_stage(spec, run: str, resume: bool = False, tracker=None) -> Winner:
     concurrency = ensure_trials_fit(spec)
     task = prepare_task(spec, base)  # a clear error here, before any trial starts
     if t.task.format != "text":  # the data stage reports its own counts
-        splits = ", ".join(f"{k} {v:,}" for k, v in task.sequences.items())
-        prepared = sum(task.sequences.values())
-        line = f"tune.task: {prepared:,} of {task.records:,} records prepared ({splits})"
+        line = "tune.task: " + TaskCounts.model_validate(task, from_attributes=True).line()
         if task.reused:
             line += f", reused from {task.prepared}"
         if task.unusable:

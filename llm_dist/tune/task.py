@@ -48,6 +48,7 @@ def prepare_task(spec, base: str) -> TaskData:
     """
     from llm_dist.data.read import read_corpus
     from llm_dist.data.tokenizer import load
+    from llm_dist.finetune import packing
     from llm_dist.finetune.formats import Unusable, encode, fields
     from llm_dist.storage import local_folder
 
@@ -83,8 +84,9 @@ def prepare_task(spec, base: str) -> TaskData:
         raise UserError(f"tune.base_model: its chat template cannot render a user and an "
                         f"assistant turn ({e.reason}: {e}); fix chat_template in "
                         f"{base}/tokenizer_config.json") from None  # fmt: skip
+    pack = packing.decide(t, base)
     settings = t.model_dump(exclude={"metrics", "max_new_tokens", "stop"})  # evaluation only
-    key = {"files": files, "task": settings, "seq_len": spec.data.seq_len,
+    key = {"files": files, "task": settings, "seq_len": spec.data.seq_len, "packed": pack,
            "seed": spec.data.seed, "tokenizer": tokenizer.backend_tokenizer.to_str(),
            "template": tokenizer.chat_template, "version": 4}  # 4: a typed TaskData  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -107,7 +109,8 @@ def prepare_task(spec, base: str) -> TaskData:
             fn_kwargs={"tokenizer": work.tokenizer, "t": t, "width": spec.data.seq_len + 1,
                        "seed": spec.data.seed},
         )  # fmt: skip
-        stats = _write(windows, spec.data.seq_len + 1, work)
+        packer = packing.Packer(spec.data.seq_len + 1, tokenizer.pad_token_id) if pack else None
+        stats = _write(windows, spec.data.seq_len + 1, work, packer)
         stats = _checked(stats, t, tokenizer, folder.quarantine)
         result = TaskData(prepared=folder.uri, format=t.format, tokenizer=folder.tokenizer,
                           seq_len=spec.data.seq_len, quarantine=folder.quarantine,
@@ -150,7 +153,8 @@ def _checked(stats: dict, t, tokenizer, quarantine: str) -> dict:
 
 
 def _encode(batch, tokenizer: str, t, width: int, seed: int):
-    """The reader's rows -> one padded window each: `split`, `tokens` and `mask` (width), or a
+    """The reader's rows -> one padded window each: `split`, `tokens` and `mask` (width), its
+    `length` (tokens before the padding), or a
     `reason` with the record's `source`, `line` and `head` for the quarantine. A classify
     window ends with its label's `answer_ids` and has its `label`."""
     import pyarrow as pa
@@ -165,7 +169,7 @@ def _encode(batch, tokenizer: str, t, width: int, seed: int):
     n, texts, reasons = batch.num_rows, batch["text"].to_pylist(), batch["reason"].to_pylist()
     heads = batch["head"].to_pylist()
     tokens, mask = np.full((n, width), tok.pad_token_id, np.int32), np.zeros((n, width), np.int8)
-    splits, labels = np.zeros(n, np.int8), [None] * n
+    splits, labels, lengths = np.zeros(n, np.int8), [None] * n, np.zeros(n, np.int32)
     for row, text in enumerate(texts):
         if reasons[row] is not None:  # the reader's own: invalid_json, invalid_utf8, ...
             continue
@@ -187,7 +191,7 @@ def _encode(batch, tokenizer: str, t, width: int, seed: int):
         except Exception as e:  # whatever else one record's data does costs that record only
             reasons[row], heads[row] = "error", f"{type(e).__name__}: {e}: {text[:80]}"
             continue
-        tokens[row, : len(ids)], mask[row, : len(ids)] = ids, marks
+        tokens[row, : len(ids)], mask[row, : len(ids)], lengths[row] = ids, marks, len(ids)
         group = record.get(t.group_field) if t.group_field else None
         key = text if group is None else str(group)
         splits[row] = corpus.split_of(np.array([corpus.doc_hash(key)]), seed, t.val_fraction,
@@ -196,28 +200,46 @@ def _encode(batch, tokenizer: str, t, width: int, seed: int):
         "split": pa.array(splits, pa.int8()),
         "tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens.ravel()), width),
         "mask": pa.FixedSizeListArray.from_arrays(pa.array(mask.ravel()), width),
-        "reason": pa.array(reasons, pa.string()), "source": batch["source"],
+        "length": pa.array(lengths, pa.int32()), "reason": pa.array(reasons, pa.string()), "source": batch["source"],
         "line": batch["line"], "head": pa.array(heads, pa.string()),
         "label": pa.array(labels, pa.string()),
     })  # fmt: skip
 
 
-def _write(windows, width: int, folder: PreparedFolder) -> dict:
-    """Number the usable windows in order, write one Parquet file per split and the quarantine."""
+def _write(windows, width: int, folder: PreparedFolder, packer=None) -> dict:
+    """Number the usable windows in order, write one Parquet file per split and the quarantine.
+    With a `packer` (`finetune.packing.Packer`), the train split's records are packed into rows
+    that also have a `position` column (the records' own positions)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     filesys, path = filesystem(folder.uri)
     local = PreparedFolder(path)
-    schema = pa.schema([("id", pa.int64()), ("tokens", pa.list_(pa.int32(), width)),
-                        ("mask", pa.list_(pa.int8(), width))])  # fmt: skip
+    row = pa.list_(pa.int32(), width)
+    schema = pa.schema([("id", pa.int64()), ("tokens", row), ("mask", pa.list_(pa.int8(), width))])
     writers = {}
     for name in SPLITS:
         filesys.create_dir(local.split(name), recursive=True)
-        writers[name] = pq.ParquetWriter(f"{local.split(name)}/part-00000.parquet", schema,
+        own = schema.append(pa.field("position", row)) if packer and name == "train" else schema
+        writers[name] = pq.ParquetWriter(f"{local.split(name)}/part-00000.parquet", own,
                                          filesystem=filesys)  # fmt: skip
-    sequences, unusable, records, next_id, labels = dict.fromkeys(SPLITS, 0), {}, 0, 0, set()
+    sequences, unusable, records, labels = dict.fromkeys(SPLITS, 0), {}, 0, set()
+    counts = {"next_id": 0, "packed": 0}
+
+    def put(name: str, columns: list) -> None:
+        n = len(columns[0])
+        ids = pa.array(np.arange(counts["next_id"], counts["next_id"] + n, dtype=np.int64))
+        writers[name].write_table(pa.table([ids, *columns], schema=writers[name].schema))
+        counts["next_id"] += n
+        sequences[name] += n
+
+    def put_packed(rows: list[tuple]) -> None:
+        if rows:
+            put("train", [pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(c)), width)
+                          for c in list(zip(*rows, strict=True))[:3]])  # fmt: skip
+            counts["packed"] += sum(r[3] for r in rows)
+
     quarantine = filesys.open_output_stream(local.quarantine)
     for table in windows.iter_batches(batch_format="pyarrow", batch_size=None):
         records += table.num_rows
@@ -231,10 +253,20 @@ def _write(windows, width: int, folder: PreparedFolder) -> dict:
         labels |= set(good["label"].drop_null().to_pylist())
         for s, name in enumerate(SPLITS):
             part = good.filter(pc.equal(good["split"], s))
-            ids = pa.array(np.arange(next_id, next_id + part.num_rows, dtype=np.int64))
-            writers[name].write_table(pa.table([ids, part["tokens"], part["mask"]], schema=schema))
-            next_id += part.num_rows
-            sequences[name] += part.num_rows
+            if packer is None or name != "train":
+                put(name, [part["tokens"], part["mask"]])
+                continue
+            tokens, mask = (_rows(part[c], width) for c in ("tokens", "mask"))
+            for n, length in enumerate(part["length"].to_numpy()):
+                put_packed(packer.add(tokens[n, :length], mask[n, :length]))
+    if packer is not None:
+        put_packed(packer.flush())
     for w in [*writers.values(), quarantine]:
         w.close()
-    return {"records": records, "sequences": sequences, "unusable": unusable, "labels": labels}
+    return {"records": records, "sequences": sequences, "unusable": unusable, "labels": labels,
+            "packed_records": counts["packed"] if packer else None}  # fmt: skip
+
+
+def _rows(column, width: int) -> np.ndarray:
+    """A FixedSizeList column as an (n, width) array."""
+    return column.combine_chunks().flatten().to_numpy().reshape(-1, width)

@@ -89,7 +89,7 @@ def pick_winner(spec, run: str, results, base: str, base_result: TrainResult | N
         samples=trained.samples,
         trials={s: sum(r.status == s for r in rows) for s in ("finished", "stopped early", "failed")},
         # what the trials trained and were scored on, and what was left out (and why)
-        task_data=TaskCounts(records=task.records, sequences=task.sequences, unusable=task.unusable),
+        task_data=TaskCounts.model_validate(task, from_attributes=True),
         sweep_seconds=round(seconds, 1), scoring_seconds=round(time.perf_counter() - start, 1),
         lineage=_lineage(spec, folder, base, base_result, task, best.trial_id), origin=origin,
     )  # fmt: skip
